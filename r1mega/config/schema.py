@@ -105,6 +105,23 @@ class PlatformConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """The colocated vLLM engine: its own parallel layout (independent of training) and memory."""
+
+    name: str = "vllm_cpu"
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False  # vLLM enable_expert_parallel: experts sharded over the engine's TP x DP ranks
+    data_parallel_size: int = 1
+    dtype: str = "float32"  # float32 | bfloat16
+    max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.6  # fraction of GPU memory the engine may take (GPU only)
+    kv_cache_space_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE (CPU only); vLLM's default takes most of RAM
+    enforce_eager: bool = True
+    enable_sleep_mode: bool = False  # GPU only; sleep/wake are no-ops on CPU
+    sync_bucket_mb: int = 256  # weight-sync bucket size
+
+
+@dataclass
 class RecipeConfig:
     """Which pipeline runs. Recipes add their own fields in later schemas; `none` only builds and checks."""
 
@@ -118,6 +135,7 @@ class R1MegaConfig:
             {"model": "tiny_moe"},
             {"parallel": "single"},
             {"platform": "cpu"},
+            {"rollout": "vllm_cpu"},
             {"recipe": "none"},
             "_self_",
         ]
@@ -125,6 +143,7 @@ class R1MegaConfig:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = MISSING
     platform: PlatformConfig = MISSING
+    rollout: RolloutConfig = MISSING
     recipe: RecipeConfig = MISSING
     run_dir: str = "runs/${recipe.name}/${model.name}"
 
@@ -135,4 +154,5 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
     cs.store(group="platform", name="platform_schema", node=PlatformConfig)
+    cs.store(group="rollout", name="rollout_schema", node=RolloutConfig)
     cs.store(group="recipe", name="recipe_schema", node=RecipeConfig)
