@@ -1,0 +1,40 @@
+"""Language consistency (R1 stage 2): the share of the chain of thought's words in the target language.
+
+Word- and script-based, no model: letter runs are words, except that each CJK ideograph or kana
+counts as one word (those scripts do not separate words by spaces). A word is in the target
+language when all of its characters belong to that language's scripts.
+"""
+from __future__ import annotations
+
+import re
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(rf"[{_CJK}]|[^\W\d_{_CJK}]+")
+_LATIN = "A-Za-z\u00c0-\u024f"
+SCRIPTS = {  # language -> characters its words are made of
+    "en": "A-Za-z",
+    "fr": _LATIN, "de": _LATIN, "es": _LATIN,
+    "zh": "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff",
+    "ja": _CJK,
+    "ko": "\uac00-\ud7af\u1100-\u11ff\u3130-\u318f",
+    "ru": "\u0400-\u04ff",
+    "ar": "\u0600-\u06ff",
+}
+MAX_CHARS = 200_000  # bounds the scan; the share is stable long before that
+
+
+def chain_of_thought(completion: str) -> str:
+    """The think block's content (to the end if unclosed); the whole text if there is none."""
+    start = completion.find("<think>")
+    start = 0 if start < 0 else start + len("<think>")
+    end = completion.find("</think>", start)
+    return completion[start:] if end < 0 else completion[start:end]
+
+
+def consistency(completion: str, row: dict | None = None, language: str = "en") -> float:
+    """Share of the chain of thought's words written in `language`; 0.0 if it has no words."""
+    if language not in SCRIPTS:
+        raise ValueError(f"language {language!r} not in {sorted(SCRIPTS)}")
+    words = _WORD.findall(chain_of_thought(completion)[:MAX_CHARS])
+    in_language = re.compile(rf"[{SCRIPTS[language]}]+")
+    return sum(1 for w in words if in_language.fullmatch(w)) / len(words) if words else 0.0
