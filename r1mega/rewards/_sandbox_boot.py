@@ -54,7 +54,7 @@ def _install_hook(workdir: str, block_network: bool, block_spawn: bool) -> None:
 def main() -> None:
     limits = json.loads(sys.argv[1])
     program = sys.argv[2]
-    for name, soft, hard in (("RLIMIT_CPU", limits["cpu_s"], limits["cpu_s"] + 1),
+    for name, soft, hard in (("RLIMIT_CPU", limits["cpu_s"], limits["cpu_s"]),  # SIGKILL: the program may be a pid-namespace init
                              ("RLIMIT_AS", limits["memory_mb"] << 20, limits["memory_mb"] << 20),
                              ("RLIMIT_FSIZE", limits["file_mb"] << 20, limits["file_mb"] << 20),
                              ("RLIMIT_NPROC", limits["nproc"], limits["nproc"]),

@@ -22,6 +22,7 @@ _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re
 # after a per-test nonce. Exactly one marked line must come back; its JSON is judged outside.
 _CALL_HARNESS = """\
 import json, sys
+dumps, write = json.dumps, sys.stdout.write  # bound before the solution can patch them
 spec = json.loads(sys.stdin.read())
 namespace = {"__name__": "solution"}
 with open(spec["solution"]) as f:
@@ -30,7 +31,7 @@ fn = namespace.get(spec["fn_name"])
 if fn is None and "Solution" in namespace:  # LeetCode style
     fn = getattr(namespace["Solution"](), spec["fn_name"])
 result = fn(*spec["args"])
-sys.stdout.write("\\n" + spec["nonce"] + json.dumps(result) + "\\n")
+write("\\n" + spec["nonce"] + dumps(result) + "\\n")
 """
 
 
