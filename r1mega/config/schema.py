@@ -122,6 +122,22 @@ class RolloutConfig:
 
 
 @dataclass
+class OptimConfig:
+    """megatron-core optimizer (Adam, distributed over DP when parallel.use_distributed_optimizer)."""
+
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"  # constant | cosine | linear
+    lr_decay_steps: Optional[int] = None
+
+
+@dataclass
 class RecipeConfig:
     """Which pipeline runs. Recipes add their own fields in later schemas; `none` only builds and checks."""
 
@@ -145,6 +161,7 @@ class R1MegaConfig:
     platform: PlatformConfig = MISSING
     rollout: RolloutConfig = MISSING
     recipe: RecipeConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
     run_dir: str = "runs/${recipe.name}/${model.name}"
 
 

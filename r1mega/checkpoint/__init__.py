@@ -1,0 +1,1 @@
+"""Checkpoints: megatron-core distributed checkpoints (any layout in, any layout out)."""

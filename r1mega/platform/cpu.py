@@ -1,0 +1,199 @@
+"""Every patch megatron-core 0.16.1 needs to run on CPU, each naming the failure it fixes.
+
+Applied only when `platform.device == "cpu"` (by `r1mega.parallel.state.init_distributed`);
+GPU runs use megatron-core untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA devices to CPU in every torch call.
+
+    Fixes megatron's hard-coded `device="cuda"`, `.cuda()` and `torch.cuda.current_device()` in
+    optimizer, DDP buffers, grad clipping, schedules and dist_checkpointing, e.g.
+    `optimizer.py:481 AssertionError: Torch not compiled with CUDA enabled`.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Optimizer/DDP/clip_grads accept only `torch.cuda.*Tensor` type strings:
+            # `TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ...`.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NoOpStream:
+    """Stands in for torch.cuda.Stream/Event: `RuntimeError: torch.cuda.Stream requires CUDA support`
+    when instantiating MoELayer (alltoall dispatcher) and in pipeline utils."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        # record_event() must return something with synchronize(), wait_stream() nothing useful.
+        return lambda *a, **k: _NoOpStream()
+
+
+def apply() -> None:
+    global _applied
+    if _applied:
+        return
+    _applied = True
+    # megatron wraps small kernels in torch.compile: first step ~29 s on CPU instead of ~20 ms.
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    torch._dynamo.config.disable = True
+    # MLA rotary embedding, SP reduce-scatter buffers (built in autograd backward, where the
+    # function mode is not active) and many others: `AssertionError: Torch not compiled with CUDA
+    # enabled` from torch.cuda.current_device().
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.Stream = _NoOpStream
+    torch.cuda.Event = _NoOpStream
+    torch.cuda.current_stream = lambda *a, **k: _NoOpStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda *a, **k: None
+    _CudaToCpu().__enter__()
+    _without_transformer_engine()
+    _gloo_all_to_all_with_list_splits()
+
+
+def _gloo_all_to_all_with_list_splits() -> None:
+    """The EP token dispatcher passes split sizes as tensors/arrays, which gloo rejects:
+    `TypeError: all_to_all_single(): incompatible function arguments`."""
+    import torch.distributed as dist
+
+    original = dist.all_to_all_single
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        as_list = lambda s: None if s is None else [int(x) for x in s]  # noqa: E731
+        return original(output, input, as_list(output_split_sizes), as_list(input_split_sizes), *args, **kwargs)
+
+    dist.all_to_all_single = all_to_all_single
+
+
+def _without_transformer_engine() -> None:
+    """megatron.core.extensions.transformer_engine imports without TE (it stubs names with mocks),
+    so modules that import from it believe TE is present."""
+    try:
+        import transformer_engine  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
+
+    # MLA: `TypeError: isinstance() arg 2 must be a type, a tuple of types, or a union` (TELinear is a mock).
+    multi_latent_attention.HAVE_TE = False
+    # MoE router gemm: `NameError: name 'te_general_gemm' is not defined`.
+    moe_utils.HAVE_TE = False
+    moe_utils.te_general_gemm = None
+
+
+def _local_modules():
+    from megatron.core.parallel_state import get_tensor_model_parallel_world_size
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    class MLADotProductAttention(DotProductAttention):
+        """MLA builds core attention with `k_channels`/`v_channels` (query/key and value head dims
+        differ): `TypeError: DotProductAttention.__init__() got an unexpected keyword argument
+        'k_channels'`. The local kernel is shape-generic except its output width."""
+
+        def __init__(self, config, *args, k_channels=None, v_channels=None, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            if v_channels is not None:
+                heads = config.num_attention_heads // get_tensor_model_parallel_world_size()
+                self.hidden_size_per_partition = v_channels * heads
+
+    class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+        """megatron's torch norm wrapper refuses TP+SP (`AssertionError: sequence parallel not
+        supported by torch LayerNorm`), which MoE with TP requires. Marking the weight
+        `sequence_parallel` makes finalize_model_grads all-reduce its grad over the TP group."""
+
+        def __new__(cls, config, hidden_size, eps=1e-5):
+            if config.normalization == "LayerNorm":
+                return WrappedTorchNorm(config, hidden_size, eps)
+            return super().__new__(cls)
+
+        def __init__(self, config, hidden_size, eps=1e-5):
+            super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+            self.weight.sequence_parallel = config.sequence_parallel
+
+    return {DotProductAttention: MLADotProductAttention, WrappedTorchNorm: SequenceParallelRMSNorm}
+
+
+def _duplicated_linear():
+    """MLA's q/kv down-projections as TP-duplicated linears, as the Transformer Engine spec builds
+    them. With megatron's local ColumnParallelLinear there, the rope key is all-gathered over the
+    hidden dim whose backward only splits, so under TP the per-rank (per-head) gradients of
+    `linear_kv_down_proj` are never summed: TP2 updates differ from one process by ~10%."""
+    from megatron.core.post_training.modelopt.layers import Linear
+    from megatron.core.transformer import multi_latent_attention
+
+    class DuplicatedLinear(Linear):
+        # Weight tagged `sequence_parallel` by the base class: finalize_model_grads sums it over TP.
+        def __init__(self, input_size, output_size, *, config, init_method, **kwargs):
+            super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
+            if config.perform_initialization:
+                with torch.no_grad():
+                    init_method(self.weight)  # torch.nn.Linear's own init ignores init_method
+
+    # MLA accepts down-projection classes by identity from its module-level `Linear` name.
+    multi_latent_attention.Linear = DuplicatedLinear
+    return DuplicatedLinear
+
+
+def _swap(node, mapping, seen):
+    """Replace module classes anywhere in a megatron ModuleSpec / *Submodules tree."""
+    import dataclasses
+
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(node, type):
+        return mapping.get(node, node)
+    if id(node) in seen:
+        return node
+    seen.add(id(node))
+    if isinstance(node, MLASelfAttentionSubmodules):
+        node.linear_q_down_proj = node.linear_kv_down_proj = mapping["duplicated_linear"]
+    if isinstance(node, list):
+        node[:] = [_swap(x, mapping, seen) for x in node]
+    elif isinstance(node, ModuleSpec):
+        node.module = _swap(node.module, mapping, seen)
+        node.submodules = _swap(node.submodules, mapping, seen)
+    elif dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            setattr(node, f.name, _swap(getattr(node, f.name), mapping, seen))
+    return node
+
+
+def adapt_local_spec(spec):
+    """Swap modules of megatron's local (non-TE) spec that cannot run on CPU (see `_local_modules`)."""
+    import copy
+
+    mapping = {**_local_modules(), "duplicated_linear": _duplicated_linear()}
+    return _swap(copy.deepcopy(spec), mapping, set())

@@ -1,0 +1,1 @@
+"""Training: the megatron-core engine (model chunks + optimizer) and the loops built on it."""
