@@ -13,18 +13,27 @@ Public API (used by the checkpoint converter and by the rollout weight sync):
         Yields (hf_name, full tensor) for the whole model in `export_plan` order, on every rank:
         TP shards gathered with fused layouts undone (QKV per query group, [gate; up]), experts
         gathered across EP, layers broadcast from their PP stage. `chunks` is this rank's list of
-        model chunks (DDP-wrapped or not). Tensors are in the model's params dtype, on CPU; one
-        tensor is alive at a time (the caller may keep references).
+        model chunks (DDP-wrapped or not). Tensors are in the model's params dtype, on CPU.
 
     load_hf_tensors(chunks, model_cfg, read) -> int
-        Fill this rank's parameters from HF tensors; `read(hf_name) -> torch.Tensor` is called once
-        per needed tensor (streamed from safetensors by `hf_io`). Returns the number of elements set.
+        Fill this rank's parameters (and the router expert bias) from HF tensors; `read(hf_name)`
+        returns one full HF tensor (streamed from safetensors by `hf_io`). Every tensor of the
+        chunks must be covered. Returns the number of elements set.
+
+    hf_config(model_cfg) -> dict
+        The HF `config.json` of the model.
+
+HF names are the on-disk (checkpoint) names, which vLLM's `load_weights` also takes: per-expert
+`mlp.experts.N.*`, although transformers 5 fuses experts in memory.
 """
 from __future__ import annotations
 
+import warnings
+from types import SimpleNamespace
 from typing import Callable, Iterator, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 
 class PlanEntry(NamedTuple):
@@ -35,13 +44,340 @@ class PlanEntry(NamedTuple):
     ep_rank: int | None
 
 
+class Rule(NamedTuple):
+    mcore: str  # megatron name (under `decoder.layers.N.` for layer rules); {e}: local expert id
+    hf: tuple[str, ...]  # HF names it fuses (under `model.layers.L.` for layer rules); {e}: global expert id
+    shapes: tuple[str, ...]  # each HF tensor's shape in `_dims` symbols
+    tp: int | None = None  # TP split dim of the megatron tensor: 0 column-parallel, 1 row-parallel
+    layout: str = "plain"  # key of LAYOUTS
+    fp32: bool = False  # kept in fp32 whatever the params dtype
+
+
+# ---- Tables -------------------------------------------------------------------------------------
+
+TOP_FIRST = (Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ("V h",), 0),)
+TOP_LAST = (Rule("decoder.final_layernorm.weight", ("model.norm.weight",), ("h",)),)
+UNTIED_OUTPUT = Rule("output_layer.weight", ("lm_head.weight",), ("V h",), 0)
+# Tied embeddings under PP: the last stage keeps its own copy of the embedding as output layer.
+TIED_OUTPUT = Rule("output_layer.weight", ("model.embed_tokens.weight",), ("V h",), 0)
+
+NORMS = (
+    Rule("input_layernorm.weight", ("input_layernorm.weight",), ("h",)),
+    Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), ("h",)),
+)
+GQA = (
+    Rule("self_attention.linear_qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), ("Q h", "K h", "K h"), 0, "qkv"),
+    Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), ("h Q",), 1),
+)
+QKV_BIAS = (
+    Rule("self_attention.linear_qkv.bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), ("Q", "K", "K"), 0, "qkv"),
+)
+MLA = (
+    # Down-projections are TP-duplicated (not split); the up-projections split heads. No rope-row
+    # permutation: megatron's MLA rope de-interleaves (x[0::2], x[1::2]) itself, as HF's
+    # `rope_interleave=True` does, so both read DeepSeek's interleaved rope rows as they are.
+    Rule("self_attention.linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",), ("qa h",)),
+    Rule("self_attention.q_layernorm.weight", ("self_attn.q_a_layernorm.weight",), ("qa",)),
+    Rule("self_attention.linear_q_up_proj.weight", ("self_attn.q_b_proj.weight",), ("qb qa",), 0),
+    Rule("self_attention.linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",), ("kva h",)),
+    Rule("self_attention.kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",), ("kvl",)),
+    Rule("self_attention.linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",), ("kvb kvl",), 0),
+    Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), ("h o",), 1),
+)
+DENSE_MLP = (
+    Rule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), ("F h", "F h"), 0, "gate_up"),
+    Rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), ("h F",), 1),
+)
+MOE_MLP = (
+    Rule("mlp.router.weight", ("mlp.gate.weight",), ("n h",)),
+    Rule("mlp.router.expert_bias", ("mlp.gate.e_score_correction_bias",), ("n",), fp32=True),
+    # SequentialMLP (CPU); experts split over the expert-TP group.
+    Rule("mlp.experts.local_experts.{e}.linear_fc1.weight", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), ("f h", "f h"), 0, "gate_up"),
+    Rule("mlp.experts.local_experts.{e}.linear_fc2.weight", ("mlp.experts.{e}.down_proj.weight",), ("h f",), 1),
+    Rule("mlp.shared_experts.linear_fc1.weight", ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"), ("s h", "s h"), 0, "gate_up"),
+    Rule("mlp.shared_experts.linear_fc2.weight", ("mlp.shared_experts.down_proj.weight",), ("h s",), 1),
+)
+
+
+def _dims(m) -> dict[str, int]:
+    heads = m.num_attention_heads
+    head_dim = m.kv_channels or m.hidden_size // heads
+    qk, rope = m.qk_head_dim, m.qk_pos_emb_head_dim
+    return dict(
+        h=m.hidden_size, V=m.vocab_size, F=m.ffn_hidden_size,
+        Q=heads * head_dim, K=(m.num_query_groups or heads) * head_dim,
+        qa=m.q_lora_rank or 0, qb=heads * (qk + rope), kvl=m.kv_lora_rank, kva=m.kv_lora_rank + rope,
+        kvb=heads * (qk + m.v_head_dim), o=heads * m.v_head_dim,
+        n=m.num_experts or 0, f=m.moe_ffn_hidden_size or 0, s=m.moe_shared_expert_intermediate_size or 0,
+    )
+
+
+def _layer_rules(m, layer: int) -> tuple[Rule, ...]:
+    attn = MLA if m.multi_latent_attention else GQA + (QKV_BIAS if m.add_qkv_bias else ())
+    mlp = MOE_MLP if m.num_experts and layer >= m.first_k_dense_layers else DENSE_MLP
+    return (NORMS[0],) + attn + (NORMS[1],) + mlp
+
+
+# ---- Fused layouts ------------------------------------------------------------------------------
+
+
+class Layout(NamedTuple):
+    to_mcore: Callable  # (HF tensors, model cfg) -> full megatron tensor
+    to_hf: Callable  # (full megatron tensor, model cfg) -> HF tensors
+    tp_parts: int = 1  # blocks that are TP-split separately ([gate; up] -> [gate_r; up_r])
+
+
+def _qkv_to_mcore(parts, m):
+    # megatron interleaves per query group: [q heads of the group, k, v], so a TP split of dim 0 is
+    # a split of whole groups.
+    groups = m.num_query_groups or m.num_attention_heads
+    return torch.cat([p.reshape(groups, -1, *p.shape[1:]) for p in parts], 1).reshape(-1, *parts[0].shape[1:])
+
+
+def _qkv_to_hf(t, m):
+    groups = m.num_query_groups or m.num_attention_heads
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    q, k, v = t.reshape(groups, -1, *t.shape[1:]).split([t.shape[0] // groups - 2 * head_dim, head_dim, head_dim], 1)
+    return [x.reshape(-1, *t.shape[1:]) for x in (q, k, v)]
+
+
+LAYOUTS = {
+    "plain": Layout(lambda p, m: p[0], lambda t, m: [t]),
+    "gate_up": Layout(lambda p, m: torch.cat(p), lambda t, m: list(t.chunk(2)), tp_parts=2),
+    "qkv": Layout(_qkv_to_mcore, _qkv_to_hf),
+}
+
+
+def _shard(full: torch.Tensor, rule: Rule, rank: int, size: int) -> torch.Tensor:
+    if rule.tp is None or size == 1:
+        return full
+    parts = full.chunk(LAYOUTS[rule.layout].tp_parts, rule.tp)
+    return torch.cat([p.chunk(size, rule.tp)[rank] for p in parts], rule.tp)
+
+
+def _unshard(shards: list[torch.Tensor], rule: Rule) -> torch.Tensor:
+    if rule.tp is None or len(shards) == 1:
+        return shards[0]
+    n = LAYOUTS[rule.layout].tp_parts
+    split = [s.chunk(n, rule.tp) for s in shards]
+    return torch.cat([torch.cat([s[i] for s in split], rule.tp) for i in range(n)], rule.tp)
+
+
+# ---- Items: one megatron tensor each -----------------------------------------------------------
+
+
+class Item(NamedTuple):
+    rule: Rule
+    layer: int | None  # global layer (None: outside the decoder layers)
+    expert: int | None  # global expert id
+
+    def hf_names(self) -> list[str]:
+        prefix = "" if self.layer is None else f"model.layers.{self.layer}."
+        return [prefix + n.format(e=self.expert) for n in self.rule.hf]
+
+    def hf_shapes(self, m) -> list[tuple[int, ...]]:
+        d = _dims(m)
+        return [tuple(d[s] for s in shape.split()) for shape in self.rule.shapes]
+
+    def mcore_shape(self, m) -> tuple[int, ...]:
+        shapes = self.hf_shapes(m)  # fused parts concatenate along dim 0
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def dtype(self, m) -> torch.dtype:
+        from r1mega.models.build import DTYPES
+
+        return torch.float32 if self.rule.fp32 else DTYPES[m.params_dtype]
+
+
+def _items(m) -> Iterator[Item]:
+    """Every exported megatron tensor, in HF order."""
+    for rule in TOP_FIRST:
+        yield Item(rule, None, None)
+    for layer in range(m.num_layers):
+        for rule in _layer_rules(m, layer):
+            for e in range(m.num_experts) if "{e}" in rule.mcore else [None]:
+                yield Item(rule, layer, e)
+    for rule in TOP_LAST:
+        yield Item(rule, None, None)
+    if m.untie_embeddings_and_output_weights:
+        yield Item(UNTIED_OUTPUT, None, None)
+
+
+def _layer_stages(config) -> list[int]:
+    """Pipeline stage of every global layer (megatron's own offsets, so uneven and virtual
+    pipelines agree with the built model)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    stages = [0] * config.num_layers
+    vpp = config.virtual_pipeline_model_parallel_size
+    for p in range(config.pipeline_model_parallel_size):
+        for v in range(vpp) if vpp else [None]:
+            first = get_transformer_layer_offset(config, v, p)
+            for layer in range(first, first + get_num_layers_to_build(config, v, p)):
+                stages[layer] = p
+    return stages
+
+
+def _owner(item: Item, stages: list[int], config) -> tuple[int, int | None]:
+    """(pp stage, ep rank) holding `item`."""
+    if item.layer is None:
+        last = item.rule in TOP_LAST or item.rule is UNTIED_OUTPUT
+        return (config.pipeline_model_parallel_size - 1 if last else 0), None
+    ep = None if item.expert is None else item.expert // (config.num_moe_experts // config.expert_model_parallel_size)
+    return stages[item.layer], ep
+
+
 def export_plan(model_cfg, parallel_cfg) -> list[PlanEntry]:
-    raise NotImplementedError
+    from r1mega.models.build import transformer_config
+
+    config = transformer_config(model_cfg, parallel_cfg, SimpleNamespace(device="cpu", deterministic=False))
+    stages = _layer_stages(config)
+    plan = []
+    for item in _items(model_cfg):
+        stage, ep = _owner(item, stages, config)
+        for name, shape in zip(item.hf_names(), item.hf_shapes(model_cfg)):
+            plan.append(PlanEntry(name, shape, item.dtype(model_cfg), stage, ep))
+    return plan
 
 
-def iter_hf_tensors(chunks, model_cfg) -> Iterator[tuple[str, torch.Tensor]]:
-    raise NotImplementedError
+# ---- This rank's tensors ------------------------------------------------------------------------
+
+
+def _local_tensors(chunks, m) -> dict[Item, torch.Tensor]:
+    """Every tensor this rank holds, by the item it belongs to."""
+    from megatron.core import parallel_state as ps
+
+    ep_rank = ps.get_expert_model_parallel_rank()
+    local_experts = (m.num_experts or 0) // ps.get_expert_model_parallel_world_size()
+    out = {}
+    for chunk in chunks:
+        module = getattr(chunk, "module", chunk)
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        top = TOP_FIRST + TOP_LAST + (UNTIED_OUTPUT if m.untie_embeddings_and_output_weights else TIED_OUTPUT,)
+        named = [(rule.mcore, Item(rule, None, None)) for rule in top]
+        for i, layer in enumerate(module.decoder.layers):
+            g = layer.layer_number - 1
+            for rule in _layer_rules(m, g):
+                for k in range(local_experts) if "{e}" in rule.mcore else [None]:
+                    expert = None if k is None else ep_rank * local_experts + k
+                    named.append((f"decoder.layers.{i}." + rule.mcore.format(e=k), Item(rule, g, expert)))
+        for name, item in named:
+            if name in tensors:
+                out[item] = tensors.pop(name)
+        unmapped = [n for n, t in tensors.items() if isinstance(t, torch.nn.Parameter)]
+        if unmapped:
+            raise KeyError(f"no HF mapping for megatron tensors {unmapped[:5]} (arch {m.arch})")
+    return out
+
+
+def _tp(item: Item):
+    """(rank, size, group) of the tensor-parallel group that splits `item`."""
+    from megatron.core import parallel_state as ps
+
+    if item.expert is not None:
+        return ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_group()
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
 
 
 def load_hf_tensors(chunks, model_cfg, read: Callable[[str], torch.Tensor]) -> int:
-    raise NotImplementedError
+    m = model_cfg
+    n = 0
+    for item, tensor in _local_tensors(chunks, m).items():
+        full = LAYOUTS[item.rule.layout].to_mcore([read(name) for name in item.hf_names()], m)
+        rank, size, _ = _tp(item)
+        shard = _shard(full, item.rule, rank, size)
+        if shard.shape != tensor.shape:
+            raise ValueError(f"{item.hf_names()}: HF gives {tuple(shard.shape)}, megatron has {tuple(tensor.shape)}")
+        with torch.no_grad():
+            tensor.copy_(shard)
+        n += tensor.numel()
+    return n
+
+
+def iter_hf_tensors(chunks, model_cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    from megatron.core import parallel_state as ps
+
+    m = model_cfg
+    config = getattr(chunks[0], "module", chunks[0]).config
+    local = _local_tensors(chunks, m)
+    stages = _layer_stages(config)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # Global rank of the first holder of each (pp stage, ep rank): the broadcast source.
+    me = (ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank())
+    coords = [me] * world
+    if world > 1:
+        dist.all_gather_object(coords, me)
+    for item in _items(m):
+        stage, ep = _owner(item, stages, config)
+        held_everywhere = config.pipeline_model_parallel_size == 1 and (ep is None or config.expert_model_parallel_size == 1)
+        full = None
+        if item in local:
+            shard = local[item].detach()
+            _, size, group = _tp(item)
+            shards = [shard]
+            if item.rule.tp is not None and size > 1:
+                shards = [torch.empty_like(shard) for _ in range(size)]
+                dist.all_gather(shards, shard.contiguous(), group=group)
+            full = _unshard(shards, item.rule)
+        if not held_everywhere:
+            src = next(r for r, (p, e) in enumerate(coords) if p == stage and (ep is None or e == ep))
+            if full is None:
+                full = torch.empty(item.mcore_shape(m), dtype=item.dtype(m))
+            full = full.contiguous()
+            dist.broadcast(full, src)
+        yield from zip(item.hf_names(), LAYOUTS[item.rule.layout].to_hf(full, m))
+
+
+# ---- HF config ----------------------------------------------------------------------------------
+
+
+def hf_config(model_cfg) -> dict:
+    m = model_cfg
+    common = dict(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups or m.num_attention_heads,
+        max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_epsilon,
+        rope_theta=m.rotary_base, tie_word_embeddings=not m.untie_embeddings_and_output_weights,
+        hidden_act="silu", initializer_range=m.init_method_std,
+        torch_dtype={"fp32": "float32", "bf16": "bfloat16"}[m.params_dtype],
+    )
+    if m.arch == "deepseek_v3":
+        if m.moe_router_num_groups and m.moe_router_topk // m.moe_router_group_topk != 2:
+            # HF and vLLM score a group by its top-2 experts, megatron by its top-(topk / group_topk).
+            warnings.warn(
+                f"moe_router_topk // moe_router_group_topk = {m.moe_router_topk // m.moe_router_group_topk} != 2: "
+                "HF/vLLM route differently from megatron"
+            )
+        rope_scaling = None
+        if m.rope_type == "yarn":
+            rope_scaling = dict(
+                type="yarn", rope_type="yarn", factor=m.rotary_scaling_factor,
+                original_max_position_embeddings=m.original_max_position_embeddings,
+                beta_fast=m.beta_fast, beta_slow=m.beta_slow, mscale=m.mscale, mscale_all_dim=m.mscale_all_dim,
+            )
+        return dict(
+            common, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+            moe_intermediate_size=m.moe_ffn_hidden_size,
+            n_shared_experts=(m.moe_shared_expert_intermediate_size or 0) // m.moe_ffn_hidden_size,
+            n_routed_experts=m.num_experts, num_experts_per_tok=m.moe_router_topk,
+            routed_scaling_factor=m.moe_router_topk_scaling_factor or 1.0,
+            n_group=m.moe_router_num_groups or 1, topk_group=m.moe_router_group_topk or 1,
+            # transformers 5 drops these two; vLLM needs them (KeyError on e_score_correction_bias).
+            topk_method="noaux_tc", scoring_func="sigmoid",
+            norm_topk_prob=True,  # megatron normalises sigmoid top-k scores when topk > 1
+            first_k_dense_replace=m.first_k_dense_layers,
+            q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank,
+            qk_nope_head_dim=m.qk_head_dim, qk_rope_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
+            head_dim=m.qk_pos_emb_head_dim, rope_interleave=True, rope_scaling=rope_scaling,
+            num_nextn_predict_layers=m.mtp_num_layers, attention_bias=False,
+        )
+    if m.arch == "qwen2":
+        return dict(common, architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False)
+    if m.arch == "llama":
+        return dict(
+            common, architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False,
+            head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
+        )
+    raise ValueError(f"no HF mapping for arch {m.arch!r}")
