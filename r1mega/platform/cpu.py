@@ -77,6 +77,7 @@ def apply() -> None:
     _CudaToCpu().__enter__()
     _without_transformer_engine()
     _gloo_all_to_all_with_list_splits()
+    _distributed_optimizer_load_with_torch_adam()
 
 
 def _gloo_all_to_all_with_list_splits() -> None:
@@ -197,3 +198,33 @@ def adapt_local_spec(spec):
 
     mapping = {**_local_modules(), "duplicated_linear": _duplicated_linear()}
     return _swap(copy.deepcopy(spec), mapping, set())
+
+
+def _distributed_optimizer_load_with_torch_adam() -> None:
+    """Without Apex/TE the distributed optimizer wraps torch Adam, whose state (and its `step`)
+    exists only after a first step; loading a checkpoint into a fresh optimizer fails in
+    `DistributedOptimizer.state_dict` (distrib_optimizer.py:642 `assert len(steps) == 1`, or
+    `KeyError: 'step'`). Fill the state with megatron's own dummy values first. Then the
+    fully-reshardable load skips the saved "step" (restored from param groups) but copies into every
+    state key: `KeyError: 'step'` at distrib_optimizer.py:940; keep the current step there."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.sharded_state_dict
+
+    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
+        if is_loading and not self.optimizer.state:
+            self._init_optimizer_states_with_dummy_values()
+        return original(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
+
+    DistributedOptimizer.sharded_state_dict = sharded_state_dict
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"].clone()}
+        return set_states(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states

@@ -1,0 +1,148 @@
+"""Crash-safe training checkpoints: megatron-core dist_checkpointing of model + optimizer (loadable
+under any TP/PP/EP layout), per-rank RNG states, and the trainer's plain-dict state.
+
+Layout of `root`: `step_<N>/` (complete checkpoints), `latest` (a file holding the newest complete
+step), `tmp-<N>-<pid>/` (a save in progress; never read). A save writes into tmp, fsyncs, renames
+to `step_<N>` and then atomically replaces `latest`, so a kill at any moment leaves `latest`
+naming a complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from r1mega.checkpoint.distributed import model_sharded_state_dict
+
+# Reshardable over TP/PP/EP as well as DP (the default `dp_reshardable` is DP-only, and the format
+# megatron picks otherwise fails: `ShardedTensor.flattened_range is not supported`).
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+STATE_FILE = "trainer_state.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync(Path(dirpath) / f)
+        _fsync(Path(dirpath))
+
+
+def _sharded_state_dict(chunks, optimizer, is_loading: bool) -> dict:
+    sd = model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        kw = {"metadata": OPTIM_METADATA} if _is_distributed_optimizer(optimizer) else {}
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, **kw)
+    return sd
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep_last: int = 3):
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def latest_step(self) -> int | None:
+        try:
+            return int((self.root / "latest").read_text())
+        except FileNotFoundError:
+            return None
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step_{step}"
+
+    def save(self, step: int, chunks, optimizer=None, state: dict | None = None) -> Path:
+        """Collective. `state`: plain JSON-able dicts (data-loader position, trainer and recipe state)."""
+        final = self.path(step)
+        if final.exists():
+            raise FileExistsError(f"{final} exists")
+        name = [f"tmp-{step}-{os.getpid()}"]  # rank 0's pid names the directory for every rank
+        if dist.is_initialized():
+            dist.broadcast_object_list(name, src=0)
+        tmp = self.root / name[0]
+        if _rank() == 0:
+            tmp.mkdir(parents=True)
+        _barrier()
+        dist_checkpointing.save(_sharded_state_dict(chunks, optimizer, is_loading=False), str(tmp))
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
+        if _rank() == 0:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(state or {})}))
+        _barrier()
+        if _rank() == 0:
+            _fsync_tree(tmp)
+            os.rename(tmp, final)
+            pointer = self.root / f"latest.tmp-{os.getpid()}"
+            pointer.write_text(str(step))
+            _fsync(pointer)
+            os.replace(pointer, self.root / "latest")
+            _fsync(self.root)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(int(p.name[5:]) for p in self.root.glob("step_*") if p.name[5:].isdigit())
+        latest = self.latest_step()
+        for s in steps[: -self.keep_last]:
+            if s != latest:
+                shutil.rmtree(self.path(s))
+
+    def load(self, chunks, optimizer=None, step: int | None = None) -> dict:
+        """Collective. Loads `step` (default: latest) into `chunks`/`optimizer`, restores this rank's
+        RNG state when the checkpoint has one for it; returns the saved trainer state (with `step`)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {self.root}")
+        path = self.path(step)
+        loaded = dist_checkpointing.load(_sharded_state_dict(chunks, optimizer, is_loading=True), str(path))
+        for i, c in enumerate(chunks):
+            getattr(c, "module", c).load_state_dict(loaded[f"model{i}" if len(chunks) > 1 else "model"], strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
+        rng = path / "rng" / f"rank_{_rank()}.pt"
+        if rng.exists():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return json.loads((path / STATE_FILE).read_text())
