@@ -1,0 +1,74 @@
+"""The rollout engine interface the trainer codes against, and the train–inference consistency metric."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+
+@dataclass
+class Completion:
+    """One sampled continuation. `logprobs[i]` is the log-probability of `token_ids[i]` under the
+    engine's raw model distribution (log-softmax of the logits, before temperature / top-p)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    text: str = ""
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    completions: list[Completion]  # n of them
+
+
+class RolloutEngine(ABC):
+    @abstractmethod
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> list[RequestOutput]:
+        """Sample `n` completions per prompt; outputs are in prompt order."""
+
+    @abstractmethod
+    def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """log p(token_ids[i][t] | token_ids[i][:t]) for t = 1..len-1 (len-1 values per sequence)."""
+
+    @abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (HF name, full tensor) pairs; the iterable is consumed lazily, once. After it returns the
+        engine generates with the new weights (no stale caches)."""
+
+    @abstractmethod
+    def sleep(self, level: int = 1) -> None:
+        """Release GPU memory: level 1 offloads weights to host and drops the KV cache."""
+
+    @abstractmethod
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Re-take GPU memory for `tags` ("weights", "kv_cache"; None = all)."""
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+
+def logprob_consistency(engine_logprobs: Sequence[Sequence[float]], trainer_logprobs: Sequence[Sequence[float]]) -> dict:
+    """Mean and max |logp_engine − logp_trainer| over all sampled tokens (pairs of equal-length rows)."""
+    diffs = []
+    for e, t in zip(engine_logprobs, trainer_logprobs, strict=True):
+        e, t = torch.as_tensor(e, dtype=torch.float64), torch.as_tensor(t, dtype=torch.float64)
+        if e.shape != t.shape:
+            raise ValueError(f"logprob rows differ in length: {tuple(e.shape)} vs {tuple(t.shape)}")
+        diffs.append((e - t).abs())
+    d = torch.cat(diffs) if diffs else torch.zeros(0, dtype=torch.float64)
+    if d.numel() == 0:
+        return {"logprob_diff_mean": 0.0, "logprob_diff_max": 0.0, "num_tokens": 0}
+    return {"logprob_diff_mean": d.mean().item(), "logprob_diff_max": d.max().item(), "num_tokens": d.numel()}

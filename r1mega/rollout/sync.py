@@ -1,0 +1,92 @@
+"""Bucketed weight sync megatron-core → rollout engine.
+
+The plan (HF names, shapes, buckets) is computed once from the configs; every step streams the
+model through the checkpoint mapping (`iter_hf_tensors`: TP gathered, EP gathered, PP broadcast),
+casts each tensor to the engine dtype and groups them into buckets of at most `bucket_mb` (a tensor
+larger than a bucket travels alone). Only the current bucket is alive on a rank: the engine
+consumes it before the next is built. All ranks run the collectives; only ranks holding an engine
+load anything."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from r1mega.checkpoint.hf_mapping import PlanEntry, export_plan, iter_hf_tensors
+from r1mega.rollout.engine import RolloutEngine
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+def engine_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def plan_buckets(plan: list[PlanEntry], bucket_bytes: int, dtype: torch.dtype) -> list[list[PlanEntry]]:
+    """Consecutive plan entries grouped so each group holds ≤ bucket_bytes (or one larger tensor)."""
+    buckets: list[list[PlanEntry]] = [[]]
+    size = 0
+    for e in plan:
+        nbytes = _nbytes(e, dtype)
+        if buckets[-1] and size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(e)
+        size += nbytes
+    return [b for b in buckets if b]
+
+
+def _target_dtype(e: PlanEntry, dtype: torch.dtype) -> torch.dtype:
+    # Tensors megatron keeps in fp32 whatever the params dtype (the router's expert bias) stay fp32.
+    return torch.float32 if e.dtype == torch.float32 else dtype
+
+
+def _nbytes(e: PlanEntry, dtype: torch.dtype) -> int:
+    return torch.Size(e.shape).numel() * _target_dtype(e, dtype).itemsize
+
+
+class WeightSync:
+    """Built once per run on every rank; `sync(chunks, engine)` after every optimizer step."""
+
+    def __init__(self, model_cfg, parallel_cfg, rollout_cfg):
+        self.model_cfg = model_cfg
+        self.dtype = engine_dtype(rollout_cfg.dtype)
+        self.bucket_bytes = int(rollout_cfg.sync_bucket_mb * 2**20)
+        self.plan = export_plan(model_cfg, parallel_cfg)
+        self.buckets = plan_buckets(self.plan, self.bucket_bytes, self.dtype)
+        self.total_bytes = sum(_nbytes(e, self.dtype) for e in self.plan)
+        self.largest_bytes = max(_nbytes(e, self.dtype) for e in self.plan)
+
+    def iter_buckets(self, chunks) -> Iterator[Bucket]:
+        """Collective: every rank must consume this to the end. The consumer should drop (or clear)
+        each bucket before asking for the next."""
+        stream = iter_hf_tensors(chunks, self.model_cfg)
+        for entries in self.buckets:
+            bucket: Bucket = []
+            for e in entries:
+                name, t = next(stream)
+                if name != e.hf_name or tuple(t.shape) != tuple(e.shape):
+                    raise RuntimeError(f"sync plan expects {e.hf_name} {e.shape}, mapping gave {name} {tuple(t.shape)}")
+                bucket.append((name, t.to(_target_dtype(e, self.dtype))))
+                del t
+            yield bucket
+            del bucket
+        if next(stream, None) is not None:
+            raise RuntimeError("mapping yielded more tensors than its export plan")
+
+    @torch.no_grad()
+    def sync(self, chunks, engine: RolloutEngine | None) -> None:
+        """Push the current megatron weights into `engine` (None on ranks without one)."""
+        buckets = self.iter_buckets(chunks)
+        if engine is None:
+            for bucket in buckets:
+                bucket.clear()
+        else:
+            # One lazy update: vLLM must see a fused layer's parts in one reload (see VLLMEngine).
+            engine.update_weights(_drain(buckets))
+
+
+def _drain(buckets: Iterator[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
+    for bucket in buckets:
+        yield from bucket
+        bucket.clear()  # the consumer keeps what it still needs; we hold nothing

