@@ -33,6 +33,7 @@ def _problems(overrides: list[str]) -> list[str]:
         (["parallel=ep2", "parallel.expert_tensor_parallel_size=2", "parallel.world_size=4"],
          "expert_tensor_parallel_size > 1 fails under gloo"),
         (["model.moe_router_num_groups=3"], "model.moe_router_num_groups=3 does not divide model.num_experts=8"),
+        (["model.moe_router_num_groups=4", "model.moe_router_group_topk=2"], "must be 2 x model.moe_router_group_topk=2"),
         (["model.num_query_groups=3"], "model.num_query_groups=3 does not divide"),
     ],
 )

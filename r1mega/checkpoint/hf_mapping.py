@@ -28,7 +28,6 @@ HF names are the on-disk (checkpoint) names, which vLLM's `load_weights` also ta
 """
 from __future__ import annotations
 
-import warnings
 from types import SimpleNamespace
 from typing import Callable, Iterator, NamedTuple
 
@@ -344,12 +343,7 @@ def hf_config(model_cfg) -> dict:
         torch_dtype={"fp32": "float32", "bf16": "bfloat16"}[m.params_dtype],
     )
     if m.arch == "deepseek_v3":
-        if m.moe_router_num_groups and m.moe_router_topk // m.moe_router_group_topk != 2:
-            # HF and vLLM score a group by its top-2 experts, megatron by its top-(topk / group_topk).
-            warnings.warn(
-                f"moe_router_topk // moe_router_group_topk = {m.moe_router_topk // m.moe_router_group_topk} != 2: "
-                "HF/vLLM route differently from megatron"
-            )
+        # r1mega.config.validate requires topk = 2 x group_topk, so group scoring matches HF/vLLM.
         rope_scaling = None
         if m.rope_type == "yarn":
             rope_scaling = dict(

@@ -57,6 +57,12 @@ def _model_problems(m) -> list[str]:
                     f"model.moe_router_topk={m.moe_router_topk} exceeds the experts in "
                     f"model.moe_router_group_topk={m.moe_router_group_topk} groups."
                 )
+            elif m.arch == "deepseek_v3" and m.moe_router_topk != 2 * m.moe_router_group_topk:
+                # megatron scores a group by its top topk/group_topk experts, HF and vLLM by its top 2.
+                p.append(
+                    f"model.moe_router_topk={m.moe_router_topk} must be 2 x model.moe_router_group_topk="
+                    f"{m.moe_router_group_topk} so megatron routes like the DeepSeek-V3 HF/vLLM models."
+                )
     return p
 
 
