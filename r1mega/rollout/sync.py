@@ -48,10 +48,10 @@ def _nbytes(e: PlanEntry, dtype: torch.dtype) -> int:
 class WeightSync:
     """Built once per run on every rank; `sync(chunks, engine)` after every optimizer step."""
 
-    def __init__(self, model_cfg, parallel_cfg, rollout_cfg):
+    def __init__(self, model_cfg, parallel_cfg, rollout_cfg, bucket_bytes: int | None = None):
         self.model_cfg = model_cfg
         self.dtype = engine_dtype(rollout_cfg.dtype)
-        self.bucket_bytes = int(rollout_cfg.sync_bucket_mb * 2**20)
+        self.bucket_bytes = bucket_bytes or int(rollout_cfg.sync_bucket_mb * 2**20)
         self.plan = export_plan(model_cfg, parallel_cfg)
         self.buckets = plan_buckets(self.plan, self.bucket_bytes, self.dtype)
         self.total_bytes = sum(_nbytes(e, self.dtype) for e in self.plan)
@@ -90,3 +90,4 @@ def _drain(buckets: Iterator[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
     for bucket in buckets:
         yield from bucket
         bucket.clear()  # the consumer keeps what it still needs; we hold nothing
+
