@@ -24,14 +24,14 @@ def tiny_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token=f"t{EOS_ID}", unk_token="t2", pad_token="t2")
 
 
-def make_tiny_hf(model_name: str, out_dir: str | Path, seed: int = 0, overrides: tuple[str, ...] = ()) -> Path:
-    """Save a random transformers model for preset `model_name` (+ Hydra `overrides`) and a tokenizer under `out_dir`."""
+def make_tiny_hf(model_name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a random transformers model for preset `model_name` (+ tokenizer) under `out_dir`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from r1mega.checkpoint.hf_mapping import hf_config
     from r1mega.config import compose
 
-    m = compose([f"model={model_name}", *overrides]).model
+    m = compose([f"model={model_name}"]).model
     config = dict(hf_config(m), bos_token_id=0, eos_token_id=EOS_ID)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)

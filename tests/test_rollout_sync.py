@@ -11,10 +11,6 @@ from tests.distributed import run_distributed
 from tests.hf_fixtures import make_tiny_hf
 
 TOL = 1e-3  # fp32
-# tiny_moe routes over 4 groups keeping 2 with topk 2: megatron scores a group by its top-1 expert
-# (topk / group_topk), HF and vLLM by its top-2, so the presets' routers disagree. Keep one group's
-# top-2 (the same rule in all three) until the preset or the mapping settles this.
-MODEL_OVERRIDES = {"tiny_dense": (), "tiny_moe": ("model.moe_router_group_topk=1",)}
 SMALL_BUCKET = 200 * 1024  # < the 512 KiB embedding: that tensor must travel alone
 
 
@@ -59,7 +55,7 @@ def _run(model: str, layout: str, hf_dir: str, bucket_bytes: int | None) -> dict
     from r1mega.rollout.vllm_engine import VLLMEngine
     from r1mega.trainer.engine import MegatronEngine
 
-    cfg = compose([f"model={model}", *MODEL_OVERRIDES[model], f"parallel={layout}", "rollout=vllm_cpu", "optim.lr=1e-2", "optim.clip_grad=0"])
+    cfg = compose([f"model={model}", f"parallel={layout}", "rollout=vllm_cpu", "optim.lr=1e-2", "optim.clip_grad=0"])
     launch = init_distributed(cfg.parallel, cfg.platform)
     trainer = MegatronEngine(cfg)
     sync = WeightSync(cfg.model, cfg.parallel, cfg.rollout, bucket_bytes=bucket_bytes)
@@ -91,7 +87,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    return {m: str(make_tiny_hf(m, tmp_path_factory.mktemp(m), 5, o)) for m, o in MODEL_OVERRIDES.items()}
+    return {m: str(make_tiny_hf(m, tmp_path_factory.mktemp(m), seed=5)) for m in ("tiny_dense", "tiny_moe")}
 
 
 @pytest.mark.parametrize("model,layout", CASES)
