@@ -7,12 +7,20 @@ from pathlib import Path
 from megatron.core import dist_checkpointing
 
 
-def model_sharded_state_dict(chunks) -> dict:
-    sd = {}
+def _keyed_modules(chunks):
+    """(checkpoint key, unwrapped module) per model chunk; DDP wrappers hold the module in `.module`."""
     for i, c in enumerate(chunks):
-        module = getattr(c, "module", c)
-        sd[f"model{i}" if len(chunks) > 1 else "model"] = module.sharded_state_dict()
-    return sd
+        yield (f"model{i}" if len(chunks) > 1 else "model"), getattr(c, "module", c)
+
+
+def model_sharded_state_dict(chunks) -> dict:
+    return {key: module.sharded_state_dict() for key, module in _keyed_modules(chunks)}
+
+
+def load_model_state(chunks, loaded: dict) -> None:
+    """Copy the model entries of a loaded dist checkpoint into `chunks`."""
+    for key, module in _keyed_modules(chunks):
+        module.load_state_dict(loaded[key], strict=True)
 
 
 def save_model(chunks, path: str | Path) -> None:
@@ -21,7 +29,4 @@ def save_model(chunks, path: str | Path) -> None:
 
 
 def load_model(chunks, path: str | Path) -> None:
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
-    for i, c in enumerate(chunks):
-        module = getattr(c, "module", c)
-        module.load_state_dict(loaded[f"model{i}" if len(chunks) > 1 else "model"], strict=True)
+    load_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), str(path)))

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from r1mega.checkpoint.distributed import model_sharded_state_dict
+from r1mega.checkpoint.distributed import load_model_state, model_sharded_state_dict
 
 # Reshardable over TP/PP/EP as well as DP (the default `dp_reshardable` is DP-only, and the format
 # megatron picks otherwise fails: `ShardedTensor.flattened_range is not supported`).
@@ -138,8 +138,7 @@ class CheckpointManager:
             raise FileNotFoundError(f"no checkpoint under {self.root}")
         path = self.path(step)
         loaded = dist_checkpointing.load(_sharded_state_dict(chunks, optimizer, is_loading=True), str(path))
-        for i, c in enumerate(chunks):
-            getattr(c, "module", c).load_state_dict(loaded[f"model{i}" if len(chunks) > 1 else "model"], strict=True)
+        load_model_state(chunks, loaded)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
         rng = path / "rng" / f"rank_{_rank()}.pt"

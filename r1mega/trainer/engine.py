@@ -6,7 +6,6 @@ from functools import partial
 from typing import Callable, Iterable
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -113,7 +112,3 @@ class MegatronEngine:
 def _loss_wrapper(loss_fn: LossFn, batch: dict, output: torch.Tensor):
     loss, num_tokens, metrics = loss_fn(output, batch)
     return loss, num_tokens.to(torch.int), metrics
-
-
-def is_last_stage() -> bool:
-    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
