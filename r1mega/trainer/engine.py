@@ -70,12 +70,18 @@ class MegatronEngine:
         with_labels: bool = False,
     ) -> list[dict]:
         """Run megatron's schedule over `microbatches` (dicts of [b, s] tensors: tokens, position_ids,
-        optional attention_mask and labels). Returns the metrics dicts of the last pipeline stage."""
+        optional attention_mask / packed_seq_params (`r1mega.data.packing`) and labels). Returns the metrics dicts of the last pipeline stage."""
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
             labels = batch["labels"] if with_labels else None
-            output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels)
+            output = model(
+                batch["tokens"],
+                batch["position_ids"],
+                batch.get("attention_mask"),
+                labels=labels,
+                packed_seq_params=batch.get("packed_seq_params"),
+            )
             return output, partial(_loss_wrapper, loss_fn, batch)
 
         mb = microbatches[0]["tokens"]

@@ -1,0 +1,1 @@
+"""Prompts and text: dataset files, templates, the synthetic arithmetic task, tokenizer, packing."""

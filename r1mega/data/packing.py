@@ -1,0 +1,110 @@
+"""Sequence packing: variable-length samples into fixed-shape microbatches with per-sequence
+attention boundaries, so no token attends across samples and padding is only what fills a bin.
+
+Each sample is a dict of equal-length 1-D tensors (`tokens` plus any per-token fields: targets,
+loss masks, log-probs, advantages). Samples are placed first-fit-decreasing into bins of
+`max_tokens`; every bin becomes one `[1, T]` row (all rows padded to the same T, which pipeline
+parallelism needs). Boundaries travel in the form the attention kernel takes:
+- `thd=False` (local spec, CPU): a `[1, 1, T, T]` boolean mask, True = masked, block-diagonal causal.
+- `thd=True` (Transformer Engine): megatron's `PackedSeqParams` with `cu_seqlens`.
+RoPE only sees position differences inside a sequence, so packed logits equal unpacked ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Packed:
+    microbatches: list[dict]  # [1, T] fields, "position_ids", and "attention_mask" or "packed_seq_params"
+    placement: list[list[tuple[int, int, int]]]  # per microbatch: (sample index, start, length)
+    real_tokens: int
+    total_tokens: int
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of real (non-pad) tokens."""
+        return self.real_tokens / max(self.total_tokens, 1)
+
+
+def _bins(lengths: list[int], max_tokens: int, min_bins: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+    # Split the fullest bins until there are at least `min_bins` (e.g. one per pipeline microbatch).
+    while len(bins) < min_bins and any(len(b) > 1 for b in bins):
+        b = max((b for b in bins if len(b) > 1), key=lambda b: sum(lengths[i] for i in b))
+        bins.remove(b)
+        bins += [b[0::2], b[1::2]]
+    return [sorted(b) for b in bins]
+
+
+def block_causal_mask(lengths: list[int], total: int) -> torch.Tensor:
+    """[1, 1, T, T] bool, True where attention is forbidden: across segments or to the future.
+    Padding after the last segment forms its own segment so its softmax rows stay finite."""
+    seg = torch.repeat_interleave(torch.arange(len(lengths) + 1), torch.tensor([*lengths, total - sum(lengths)]))
+    allowed = (seg[:, None] == seg[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+    return ~allowed[None, None]
+
+
+def pack(
+    samples: list[dict[str, torch.Tensor]],
+    max_tokens: int,
+    pad_to_multiple: int = 1,
+    thd: bool = False,
+    min_microbatches: int = 1,
+    pad_id: int = 0,
+) -> Packed:
+    if not samples:
+        raise ValueError("pack: no samples")
+    lengths = [len(s["tokens"]) for s in samples]
+    bins = _bins(lengths, max_tokens, min_microbatches)
+    longest = max(sum(lengths[i] for i in b) for b in bins)
+    total = -(-longest // pad_to_multiple) * pad_to_multiple
+    microbatches, placement = [], []
+    for b in bins:
+        mb_lengths = [lengths[i] for i in b]
+        used = sum(mb_lengths)
+        fields = {}
+        for key in samples[b[0]]:
+            parts = [samples[i][key] for i in b]
+            pad = torch.full((total - used,), pad_id if key == "tokens" else 0, dtype=parts[0].dtype)
+            fields[key] = torch.cat([*parts, pad])[None]
+        fields["position_ids"] = torch.cat([torch.arange(n) for n in mb_lengths] + [torch.arange(total - used)])[None]
+        starts = torch.tensor([0, *mb_lengths]).cumsum(0)
+        if thd:
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            cu = torch.tensor([*starts.tolist(), total] if total > used else starts.tolist(), dtype=torch.int32)
+            longest_seq = int((cu[1:] - cu[:-1]).max())
+            fields["packed_seq_params"] = PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest_seq, max_seqlen_kv=longest_seq
+            )
+        else:
+            fields["attention_mask"] = block_causal_mask(mb_lengths, total)
+        microbatches.append(fields)
+        placement.append([(i, int(s), n) for i, s, n in zip(b, starts[:-1], mb_lengths)])
+    return Packed(microbatches, placement, sum(lengths), total * len(bins))
+
+
+def unpack(values: torch.Tensor, placement: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """Per-sample slices of a microbatch's `[1, T]` (or `[T]`) per-token tensor, in placement order."""
+    row = values.reshape(-1) if values.dim() == 2 else values
+    return [row[start:start + n] for _, start, n in placement]
+
+
+def segments_to_padded(values: torch.Tensor, placement: list[tuple[int, int, int]]) -> torch.Tensor:
+    """`[num_samples, max_len]` view of a packed row (differentiable), zero-padded on the right."""
+    parts = unpack(values, placement)
+    return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)
