@@ -40,8 +40,16 @@ def _params(engine) -> dict:
     return {n: p.detach().clone() for n, p in engine.named_parameters()}
 
 
+def _adam_steps(engine) -> list[float]:
+    """The torch Adam `step` of every param's state (each must be its own tensor)."""
+    states = [s for o in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]) for s in o.optimizer.state.values()]
+    assert len({id(s["step"]) for s in states}) == len(states), "params share one Adam step tensor"
+    return sorted({float(s["step"]) for s in states})
+
+
 def _reference(root: str) -> dict:
-    """1 process: step 1, save, logits; then step 2 (what every layout must reproduce after loading)."""
+    """1 process: step 1, save, logits; then steps 2 and 3 (what every layout must reproduce after
+    loading)."""
     from r1mega.checkpoint.manager import CheckpointManager
 
     cfg, engine = _engine("single")
@@ -49,7 +57,9 @@ def _reference(root: str) -> dict:
     CheckpointManager(root).save(1, engine.model, engine.optimizer, {"data": {"consumed": 4}, "recipe": {"stage": "rl"}})
     logits = megatron_logits(engine, cfg.model.vocab_size)
     _train(engine, cfg)
-    return dict(logits=logits, params=_params(engine))
+    params2 = _params(engine)
+    _train(engine, cfg)
+    return dict(logits=logits, params=params2, params3=_params(engine))
 
 
 def _resume(parallel: str, src: str, dst: str) -> dict:
@@ -58,20 +68,24 @@ def _resume(parallel: str, src: str, dst: str) -> dict:
 
     cfg, engine = _engine(parallel)
     state = CheckpointManager(src).load(engine.model, engine.optimizer)
+    steps = _adam_steps(engine)
     logits = megatron_logits(engine, cfg.model.vocab_size)
     _train(engine, cfg)
     CheckpointManager(dst).save(2, engine.model, engine.optimizer, state)
-    return dict(logits=logits, state=state)
+    return dict(logits=logits, state=state, steps=steps)
 
 
 def _load_back(dirs: list[str]) -> list[dict]:
+    """1 process: load each step-2 checkpoint, take step 3."""
     from r1mega.checkpoint.manager import CheckpointManager
 
     out = []
     for d in dirs:
-        _, engine = _engine("single") if not out else (None, engine)
+        cfg, engine = _engine("single") if not out else (cfg, engine)
         state = CheckpointManager(d).load(engine.model, engine.optimizer)
-        out.append(dict(state=state, params=_params(engine)))
+        loaded, steps = _params(engine), _adam_steps(engine)
+        _train(engine, cfg)
+        out.append(dict(state=state, params=loaded, steps=steps, params3=_params(engine)))
     return out
 
 
@@ -96,19 +110,21 @@ def test_save_one_process_load_tp2_ep2_pp2(resumed):
             diff = (logits - ref["logits"]).abs().max().item()
             assert diff <= TOL, f"{layout}: logits after load differ by {diff:.2e}"
         assert all(r["state"] == {"step": 1, "data": {"consumed": 4}, "recipe": {"stage": "rl"}} for r in results)
+        assert all(r["steps"] == [1.0] for r in results), f"{layout}: Adam steps after load {results[0]['steps']}"
 
 
-@pytest.mark.xfail(strict=True, reason="loading a 2-process distributed-optimizer checkpoint at 1 process: "
-                   "ChainedOptimizer._synchronize_steps AssertionError 'steps: [25.0, 51.0]' (open)")
 def test_optimizer_state_round_trips_back_to_one_process(resumed):
-    # Step 2 after loading used the restored Adam moments and step count: same weights as 1 process.
+    # Step 2 at TP2/EP2/PP2 used the Adam moments and step count saved at 1 process; step 3 at 1
+    # process uses those saved at 2 processes: both give the uninterrupted run's weights.
     root, ref, _ = resumed
     (back,) = run_distributed(_load_back, 1, [str(root / layout) for layout in LAYOUTS])
     for layout, b in zip(LAYOUTS, back):
         assert b["state"]["step"] == 2
-        for name, p in b["params"].items():
-            diff = (p - ref["params"][name]).abs().max().item()
-            assert diff <= TOL, f"{layout}: {name} after step 2 differs by {diff:.2e}"
+        assert b["steps"] == [2.0], f"{layout}: Adam steps after load {b['steps']}"
+        for key, what in [("params", "step 2 (2 processes)"), ("params3", "step 3 (back at 1 process)")]:
+            for name, p in b[key].items():
+                diff = (p - ref[key][name]).abs().max().item()
+                assert diff <= TOL, f"{layout}: {name} after {what} differs by {diff:.2e}"
 
 
 SAVER = textwrap.dedent(

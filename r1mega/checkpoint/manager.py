@@ -109,7 +109,8 @@ class CheckpointManager:
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
         if _rank() == 0:
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(state or {})}))
+            # `step` wins over a stale one in `state` (e.g. the state returned by the last load).
+            (tmp / STATE_FILE).write_text(json.dumps({**(state or {}), "step": step}))
         _barrier()
         if _rank() == 0:
             _fsync_tree(tmp)

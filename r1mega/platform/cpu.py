@@ -228,3 +228,20 @@ def _distributed_optimizer_load_with_torch_adam() -> None:
         return set_states(self, model_param, tensors)
 
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+    # Without Apex/TE, `DistributedOptimizer.load_state_dict` (distrib_optimizer.py:821-825) gives
+    # every param's state ONE shared `step` tensor (`s["step"] = step`), and torch's
+    # `Optimizer.load_state_dict` keeps `step` values as they are. torch Adam then increments that
+    # tensor once per param in each step: after resuming, bias corrections use steps 2, 3, ..., N+1
+    # (updates off by ~5e-3 at 1 process), the next save stores step = loaded + #params, and loading
+    # a chained (dense + expert) optimizer fails in `ChainedOptimizer._synchronize_steps`
+    # (`AssertionError: steps: [25.0, 51.0]`). Give each param its own step tensor.
+    load_state_dict = DistributedOptimizer.load_state_dict
+
+    def load_state_dict_unaliased_steps(self, state_dict):
+        load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    DistributedOptimizer.load_state_dict = load_state_dict_unaliased_steps
