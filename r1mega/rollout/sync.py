@@ -86,6 +86,41 @@ class WeightSync:
             engine.update_weights(_drain(buckets))
 
 
+def peak_extra_bytes(fn) -> int:
+    """Peak bytes held by torch's CPU allocator while `fn()` runs, above what it held when `fn` started:
+    every tensor counts (gather buffers, gloo's staging buffers, concatenations, casts, bucket contents).
+    For tests and benchmarks (slow: it runs `fn` under the profiler).
+
+    torch's CPU allocator keeps a process-wide count of live bytes; it updates it on every thread only
+    with c10's `caffe2_report_cpu_memory_usage` flag (otherwise only on threads the profiler watches, and
+    gloo frees its work buffers on its own threads). The profiler's allocation events carry that count."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    _count_cpu_memory_on_all_threads()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        marker = torch.empty(1, dtype=torch.uint8)  # first event: the baseline
+        fn()
+        del marker
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            events.append((node.start_time_ns, node.typed[1].alloc_size, node.typed[1].total_allocated))
+        stack.extend(node.children)
+    _, size, total = min(events)
+    return max(t for _, _, t in events) - (total - size) - size  # not counting the marker itself
+
+
+def _count_cpu_memory_on_all_threads() -> None:
+    import ctypes
+    from pathlib import Path
+
+    lib = next((Path(torch.__file__).parent / "lib").glob("libc10.*"))
+    ctypes.c_bool.in_dll(ctypes.CDLL(str(lib)), "FLAGS_caffe2_report_cpu_memory_usage").value = True
+
+
 def _drain(buckets: Iterator[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
     for bucket in buckets:
         yield from bucket
