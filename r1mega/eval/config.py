@@ -1,0 +1,23 @@
+"""`EvalConfig`: the options of `python -m r1mega.eval` (key=value on its command line)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: List[str] = field(default_factory=lambda: ["aime24", "math500", "gsm8k", "amc23"])
+    k: int = 4  # samples per problem (the paper: 64 for cons@64, 4-64 for pass@1)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 256  # generation budget; the paper's is 32768 (raise rollout.max_model_len with it)
+    limit: Optional[int] = None  # first N problems of each benchmark
+    template: str = "r1_zero"  # r1_zero | r1
+    seed: int = 0
+    model_dir: Optional[str] = None  # a Hugging Face dir vLLM serves; None: a tiny random `model=` preset
+    out_dir: Optional[str] = None  # None: runs/eval/<timestamp>
+    data_dir: Optional[str] = None  # None: $R1MEGA_DATA_DIR or shared/data next to the repo
+    cache_dir: str = "runs/cache"  # where the tiny random model is built once
+    workers: int = 2  # grading processes (math-verify)
+    timeout_s: float = 10.0  # per answer check, enforced by killing the grading worker

@@ -1,0 +1,10 @@
+"""Benchmark evaluation; see `r1mega/eval/__main__.py` (same CLI)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from r1mega.eval.__main__ import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
