@@ -127,6 +127,36 @@ def test_optimizer_state_round_trips_back_to_one_process(resumed):
                 assert diff <= TOL, f"{layout}: {name} after {what} differs by {diff:.2e}"
 
 
+def _save_before_first_step(root: str, distributed_optimizer: bool) -> dict:
+    """Save at step 0 (no optimizer state yet), load into a second engine (other initial weights,
+    fresh optimizer), take a step on both: the same weights."""
+    from r1mega.checkpoint.manager import CheckpointManager
+    from r1mega.trainer.engine import MegatronEngine
+
+    OVERRIDES.append(f"parallel.use_distributed_optimizer={str(distributed_optimizer).lower()}")
+    cfg, engine = _engine("single")
+    before = _params(engine)
+    CheckpointManager(root).save(0, engine.model, engine.optimizer, {})
+    unchanged = all(torch.equal(p, before[n]) for n, p in _params(engine).items())
+    _train(engine, cfg)
+    other = MegatronEngine(cfg)
+    differed = any(not torch.equal(p, before[n]) for n, p in _params(other).items())
+    state = CheckpointManager(root).load(other.model, other.optimizer)
+    steps = _adam_steps(other)
+    _train(other, cfg)
+    diff = max((p - engine_p).abs().max().item() for (_, p), engine_p in zip(other.named_parameters(), _params(engine).values()))
+    return dict(unchanged=unchanged, differed=differed, state=state, steps=steps, diff=diff)
+
+
+@pytest.mark.parametrize("distributed_optimizer", [True, False])
+def test_save_before_first_optimizer_step(tmp_path, distributed_optimizer):
+    (r,) = run_distributed(_save_before_first_step, 1, str(tmp_path / "ckpt"), distributed_optimizer)
+    assert r["unchanged"], "saving changed the weights"
+    assert r["differed"] and r["state"] == {"step": 0}
+    assert r["steps"] == [0.0]
+    assert r["diff"] == 0.0, f"first step after loading a step-0 checkpoint differs by {r['diff']:.2e}"
+
+
 SAVER = textwrap.dedent(
     """
     import sys

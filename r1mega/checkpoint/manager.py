@@ -65,6 +65,48 @@ def _is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in inner)
 
 
+def init_optimizer_state(optimizer) -> bool:
+    """Create the state torch Adam creates lazily in its first `step()` (step 0, zero moments, as
+    adam.py's `_init_group` does), for every param that has none yet, so that an optimizer can be
+    saved before its first step (else `DistributedOptimizer.state_dict` fails with
+    `assert len(steps) == 1`, and a plain megatron optimizer saves no moments that its load then
+    misses). The next step gives exactly the update of a fresh optimizer. Returns whether any state
+    was created. Other optimizers (TE/Apex FusedAdam on GPU) are left as they are."""
+    created = False
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        opt = getattr(inner, "optimizer", None)
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if opt.state[p]:
+                    continue
+                state = opt.state[p]
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                created = True
+    return created
+
+
+def _zero_step_if_missing(optimizer, loaded: dict) -> None:
+    """megatron's non-distributed optimizers save torch Adam's shared step only `if step:`
+    (optimizer.py:845, 1033), so a step of 0 (a save before the first step) is dropped and the load
+    fails in torch's `Adam.__setstate__` with `KeyError: 'step'`. Put the 0 back."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    dicts = [loaded] if len(inners) == 1 else [loaded[k] for k in sorted(loaded)]
+    for inner, sd in zip(inners, dicts):
+        if isinstance(inner, DistributedOptimizer) or not isinstance(inner.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        state = (sd["optimizer"] if "optimizer" in sd else sd)["state"]
+        if state and "common_step" not in state:
+            state["common_step"] = torch.tensor(0.0)
+
+
 def _rng_state() -> dict:
     import numpy as np
 
@@ -105,6 +147,8 @@ class CheckpointManager:
         if _rank() == 0:
             tmp.mkdir(parents=True)
         _barrier()
+        if optimizer is not None:
+            init_optimizer_state(optimizer)  # a save before the first step
         dist_checkpointing.save(_sharded_state_dict(chunks, optimizer, is_loading=False), str(tmp))
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
@@ -138,9 +182,12 @@ class CheckpointManager:
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.root}")
         path = self.path(step)
+        if optimizer is not None:
+            init_optimizer_state(optimizer)  # overwritten by the load; no dummy step on the weights
         loaded = dist_checkpointing.load(_sharded_state_dict(chunks, optimizer, is_loading=True), str(path))
         load_model_state(chunks, loaded)
         if optimizer is not None:
+            _zero_step_if_missing(optimizer, loaded["optimizer"])
             optimizer.load_state_dict(loaded["optimizer"])
         rng = path / "rng" / f"rank_{_rank()}.pt"
         if rng.exists():
