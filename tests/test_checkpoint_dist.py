@@ -200,3 +200,37 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     assert not (root / f"step_{latest + 1}").exists() or latest >= 1
     (state,) = run_distributed(_load_latest, 1, str(root))
     assert state["step"] == latest and state["step_marker"] == latest
+    assert not list(root.glob("tmp-*")), "the load did not remove the killed save's directory"
+    assert (root / f"step_{latest}" / "trainer_state.json").exists()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_clean_leftovers_of_killed_saves(tmp_path):
+    from r1mega.checkpoint.manager import CheckpointManager
+
+    root = tmp_path / "ckpt"
+    for step in (1, 2, 3):
+        (root / f"step_{step}").mkdir(parents=True)
+        (root / f"step_{step}" / "trainer_state.json").write_text("{}")
+    (root / "latest").write_text("2")  # killed between renaming step_3 and moving `latest`
+    dead, alive = _dead_pid(), os.getppid()
+    for name in (f"tmp-3-{dead}", f"tmp-4-{os.getpid()}", f"tmp-4-{alive}"):
+        (root / name / "sub").mkdir(parents=True)
+        (root / name / "sub" / "shard").write_bytes(b"x")
+    (root / f"latest.tmp-{dead}").write_text("3")
+    mgr = CheckpointManager(root)
+
+    removed = {p.name for p in mgr.clean_leftovers()}  # what a load does
+    assert removed == {f"tmp-3-{dead}", f"tmp-4-{os.getpid()}", f"latest.tmp-{dead}"}
+    assert (root / f"tmp-4-{alive}").exists(), "a live process's save in progress was removed"
+    assert {p.name for p in root.iterdir()} == {"step_1", "step_2", "step_3", "latest", f"tmp-4-{alive}"}
+
+    assert mgr.clean_leftovers(saving=2) == []  # `latest` names step_2: never removed (the save then refuses)
+    assert (root / "step_2" / "trainer_state.json").exists()
+    assert [p.name for p in mgr.clean_leftovers(saving=3)] == ["step_3"]  # newer than `latest`: a killed save's
+    assert mgr.latest_step() == 2 and (root / "step_1").exists() and (root / "step_2").exists()

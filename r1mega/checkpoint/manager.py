@@ -4,7 +4,8 @@ under any TP/PP/EP layout), per-rank RNG states, and the trainer's plain-dict st
 Layout of `root`: `step_<N>/` (complete checkpoints), `latest` (a file holding the newest complete
 step), `tmp-<N>-<pid>/` (a save in progress; never read). A save writes into tmp, fsyncs, renames
 to `step_<N>` and then atomically replaces `latest`, so a kill at any moment leaves `latest`
-naming a complete checkpoint.
+naming a complete checkpoint. What a killed save leaves behind (`tmp-*`, `latest.tmp-*`, a renamed
+`step_<N>` newer than `latest`) is removed by the next save or load (`clean_leftovers`).
 """
 from __future__ import annotations
 
@@ -56,6 +57,16 @@ def _sharded_state_dict(chunks, optimizer, is_loading: bool) -> dict:
         kw = {"metadata": OPTIM_METADATA} if _is_distributed_optimizer(optimizer) else {}
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, **kw)
     return sd
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_distributed_optimizer(optimizer) -> bool:
@@ -135,9 +146,31 @@ class CheckpointManager:
     def path(self, step: int) -> Path:
         return self.root / f"step_{step}"
 
+    def clean_leftovers(self, saving: int | None = None) -> list[Path]:
+        """Remove what killed saves left: `tmp-<step>-<pid>/` and `latest.tmp-<pid>` of a process
+        that is gone (or is this one: its save raised), and, when about to save step `saving`, a
+        `step_<saving>/` newer than `latest` (renamed by a save killed before it moved `latest`; the
+        run resumed from `latest` and redoes that step). Never the checkpoint `latest` names, nor a
+        live process's save in progress. Rank 0 only (the caller's job); returns what it removed."""
+        latest = self.latest_step()
+        removed = []
+        for p in [*self.root.glob("tmp-*"), *self.root.glob("latest.tmp-*")]:
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                removed.append(p)
+        orphan = None if saving is None else self.path(saving)
+        if orphan is not None and orphan.exists() and (latest is None or saving > latest):
+            shutil.rmtree(orphan)
+            removed.append(orphan)
+        return removed
+
     def save(self, step: int, chunks, optimizer=None, state: dict | None = None) -> Path:
         """Collective. `state`: plain JSON-able dicts (data-loader position, trainer and recipe state)."""
         final = self.path(step)
+        if _rank() == 0 and self.root.exists():
+            self.clean_leftovers(saving=step)
+        _barrier()
         if final.exists():
             raise FileExistsError(f"{final} exists")
         name = [f"tmp-{step}-{os.getpid()}"]  # rank 0's pid names the directory for every rank
@@ -182,6 +215,8 @@ class CheckpointManager:
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.root}")
         path = self.path(step)
+        if _rank() == 0:
+            self.clean_leftovers()
         if optimizer is not None:
             init_optimizer_state(optimizer)  # overwritten by the load; no dummy step on the weights
         loaded = dist_checkpointing.load(_sharded_state_dict(chunks, optimizer, is_loading=True), str(path))
