@@ -11,6 +11,15 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 register_configs()
 
 
+def _register_group_schemas() -> None:
+    # Groups whose schemas live beside their code: the GRPO knobs and the reward terms.
+    import r1mega.algorithms  # noqa: F401  (registers algorithm/grpo_schema)
+    import r1mega.rewards  # noqa: F401  (registers reward/reward_schema)
+
+
+_register_group_schemas()
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "config"):
     """Compose `conf/<config_name>.yaml` with Hydra overrides and validate it (for tools and tests)."""
     from hydra import compose as hydra_compose, initialize_config_dir

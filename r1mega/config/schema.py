@@ -7,7 +7,7 @@ Every YAML file under `conf/` is merged onto one of these dataclasses, so a wron
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -145,22 +145,92 @@ class RecipeConfig:
 
 
 @dataclass
+class ArithmeticConfig:
+    """The embedded default's synthetic task (`r1mega.data.arithmetic`)."""
+
+    max_operand: int = 39  # a, b in [0, max_operand]
+    num_heldout: int = 128  # pairs in each of the eval and RL-prompt splits; the rest are pretraining
+    p_format: float = 0.5  # pretraining completions in the R1-Zero form
+    p_correct: float = 0.4  # pretraining completions with the right sum
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Prompts for RL and eval. `arithmetic` generates them; `jsonl` reads `train_file` / `eval_file`
+    (relative paths are taken under `data_dir`)."""
+
+    name: str = "arithmetic"
+    source: str = "arithmetic"  # arithmetic | jsonl
+    data_dir: Optional[str] = None  # None: $R1MEGA_DATA_DIR, else shared/data beside the repo
+    train_file: Optional[str] = None
+    eval_file: Optional[str] = None
+    prompt_key: str = "problem"  # GSM8K: question
+    answer_key: str = "answer"
+    data_source: Optional[str] = None  # reward source for every row (None: the row's own or default)
+    eval_limit: Optional[int] = None  # first N eval rows
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+
+
+@dataclass
+class PretrainConfig:
+    """How the embedded default makes its own base model (cached by content hash under `cache_dir`)."""
+
+    steps: int = 300
+    batch_size: int = 64  # documents per step
+    max_tokens: int = 256  # tokens per packed microbatch (attention is dense per microbatch on CPU)
+    num_docs: int = 40000
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    tokenizer_docs: int = 4000  # documents the BPE tokenizer is trained on
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (paper protocol: pass@1 from k samples at temperature 0.6, top-p 0.95)."""
+
+    k: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    every: int = 0  # steps between evals inside the loop; 0 = only before and after
+
+
+@dataclass
+class RLRecipeConfig(RecipeConfig):
+    """A GRPO run (R1-Zero, or an RL stage of R1). Paper values in conf/recipe/r1_zero.yaml; the CPU
+    overlay conf/recipe_platform/r1_zero_cpu.yaml shrinks them for the embedded default."""
+
+    base: str = "embedded"  # embedded (pretrain a tiny base on the synthetic task) | an HF directory
+    template: str = "r1_zero"
+    steps: int = 10400
+    prompts_per_step: int = 512
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 32768
+    response_length_schedule: Dict[int, int] = field(default_factory=dict)  # step -> max_response_tokens from then on
+    temperature: float = 1.0
+    top_p: float = 1.0
+    train_max_tokens: int = 65536  # tokens per packed training microbatch
+    save_every: int = 50
+    keep_last: int = 2
+    cache_dir: str = "runs/cache"
+    wandb: bool = True
+    deterministic: bool = True  # CPU: resumed runs reproduce the uninterrupted run's metrics
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass
 class R1MegaConfig:
-    defaults: list[Any] = field(
-        default_factory=lambda: [
-            {"model": "tiny_moe"},
-            {"parallel": "single"},
-            {"platform": "cpu"},
-            {"rollout": "vllm_cpu"},
-            {"recipe": "none"},
-            "_self_",
-        ]
-    )
     model: ModelConfig = MISSING
     parallel: ParallelConfig = MISSING
     platform: PlatformConfig = MISSING
     rollout: RolloutConfig = MISSING
     recipe: RecipeConfig = MISSING
+    data: DataConfig = MISSING
+    algorithm: Any = MISSING  # GRPOConfig (r1mega.algorithms.grpo)
+    reward: Any = MISSING  # RewardConfig (r1mega.rewards.compose)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run_dir: str = "runs/${recipe.name}/${model.name}"
 
@@ -173,3 +243,5 @@ def register_configs() -> None:
     cs.store(group="platform", name="platform_schema", node=PlatformConfig)
     cs.store(group="rollout", name="rollout_schema", node=RolloutConfig)
     cs.store(group="recipe", name="recipe_schema", node=RecipeConfig)
+    cs.store(group="recipe", name="rl_recipe_schema", node=RLRecipeConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)

@@ -5,26 +5,19 @@ The pretraining corpus imitates a base model with latent skill and noisy habits:
 states the problem with the paper's template, but only `p_format` of the completions use the
 `<think>…</think> <answer>…</answer>` form, and only `p_correct` of them give the right sum (the rest
 are off by one or by ten). A model trained on it can add, yet samples a wrong or malformed answer
-most of the time; R1-Zero's accuracy and format rewards have something to elicit. Held-out pairs
-(a, b) never occur in the corpus, so accuracy on them is measured on unseen problems.
+most of the time; R1-Zero's accuracy and format rewards have something to elicit.
+
+The pairs (a, b) are split three ways: pretraining, RL prompts, and eval; RL and eval problems never
+occur in the corpus, and eval problems are not RL prompts either. `cfg` is `ArithmeticConfig`
+(`r1mega.config.schema`).
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from r1mega.data.templates import render
 
 SOURCE = "arithmetic"
-
-
-@dataclass
-class ArithmeticConfig:
-    max_operand: int = 49  # a, b in [0, max_operand]
-    num_heldout: int = 256  # pairs never seen in pretraining (eval and RL prompts come from here)
-    p_format: float = 0.5  # pretraining completions in the R1-Zero form
-    p_correct: float = 0.4  # pretraining completions with the right sum
-    seed: int = 0
 
 
 def problem_text(a: int, b: int) -> str:
@@ -35,22 +28,21 @@ def row(a: int, b: int, split: str) -> dict:
     return {"id": f"{split}-{a}+{b}", "problem": problem_text(a, b), "answer": str(a + b), "data_source": SOURCE}
 
 
-def split_pairs(cfg: ArithmeticConfig) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(train pairs, held-out pairs): a fixed permutation of all pairs, by seed."""
+def split_pairs(cfg) -> dict[str, list[tuple[int, int]]]:
+    """{"pretrain", "rl", "eval"} pairs: a fixed permutation of all pairs, by seed."""
     pairs = [(a, b) for a in range(cfg.max_operand + 1) for b in range(cfg.max_operand + 1)]
     random.Random(cfg.seed).shuffle(pairs)
-    return pairs[cfg.num_heldout:], pairs[: cfg.num_heldout]
+    n = cfg.num_heldout
+    if 3 * n > len(pairs):
+        raise ValueError(f"data.arithmetic.num_heldout={n} leaves too few of {len(pairs)} pairs for pretraining")
+    return {"eval": pairs[:n], "rl": pairs[n:2 * n], "pretrain": pairs[2 * n:]}
 
 
-def heldout_rows(cfg: ArithmeticConfig) -> list[dict]:
-    return [row(a, b, "heldout") for a, b in split_pairs(cfg)[1]]
+def rows(cfg, split: str) -> list[dict]:
+    return [row(a, b, split) for a, b in split_pairs(cfg)[split]]
 
 
-def train_rows(cfg: ArithmeticConfig) -> list[dict]:
-    return [row(a, b, "train") for a, b in split_pairs(cfg)[0]]
-
-
-def completion(a: int, b: int, rng: random.Random, cfg: ArithmeticConfig) -> str:
+def completion(a: int, b: int, rng: random.Random, cfg) -> str:
     """One noisy base-model continuation of the template for `a + b`."""
     c = a + b
     if rng.random() >= cfg.p_correct:
@@ -62,10 +54,10 @@ def completion(a: int, b: int, rng: random.Random, cfg: ArithmeticConfig) -> str
     return rng.choice((f" {c}", f" The answer is {c}.", f" <think> {think} </think> {c}", f" {think}"))
 
 
-def pretraining_corpus(cfg: ArithmeticConfig, num_docs: int, seed: int) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs over the training pairs only."""
+def pretraining_corpus(cfg, num_docs: int, seed: int) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs over the pretraining pairs only."""
     rng = random.Random(seed)
-    train = split_pairs(cfg)[0]
+    train = split_pairs(cfg)["pretrain"]
     docs = []
     for _ in range(num_docs):
         a, b = train[rng.randrange(len(train))]

@@ -8,4 +8,9 @@ def run_recipe(cfg: DictConfig) -> None:
     if cfg.recipe.name == "none":
         print(f"config is valid (model={cfg.model.name}, parallel={cfg.parallel.name}, platform={cfg.platform.name})")
         return
+    if cfg.recipe.name == "r1_zero":
+        from r1mega.recipes import r1_zero
+
+        r1_zero.run(cfg)
+        return
     raise NotImplementedError(f"recipe={cfg.recipe.name} is not implemented yet")

@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 
 class VLLMEngine(RolloutEngine):
     """`vllm.LLM` serving the HF directory `model_dir` (config.json + tokenizer; weights may be
-    replaced by the first `update_weights`). `cfg` is a `RolloutConfig`; `device` is "cpu" or "cuda"."""
+    replaced by the first `update_weights`). `cfg` is a `RolloutConfig`; `device` is "cpu" or "cuda".
+    `load_format="dummy"` starts from random weights without reading any (the trainer syncs first)."""
 
-    def __init__(self, model_dir: str | Path, cfg, device: str = "cpu", seed: int = 0):
+    def __init__(self, model_dir: str | Path, cfg, device: str = "cpu", seed: int = 0, load_format: str = "auto"):
         self.on_cpu = device == "cpu"
         # In-process engine: the weight push hands tensors to the worker directly (no pickling).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -33,6 +34,7 @@ class VLLMEngine(RolloutEngine):
             tensor_parallel_size=cfg.tensor_parallel_size,
             seed=seed,
             generation_config="vllm",  # no sampling defaults from generation_config.json
+            load_format=load_format,
         )
         if self.on_cpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_space_gb)  # default: most of RAM

@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from r1mega.models.build import DTYPES, build_model
@@ -29,7 +30,7 @@ class MegatronEngine:
         self.cfg = cfg
         chunks = _build_chunks(cfg)
         self.config = chunks[0].config
-        self.optimizer = None
+        self.optimizer = self.scheduler = None
         if trainable:
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
@@ -57,6 +58,20 @@ class MegatronEngine:
                 chunks,
             )
             self.config.finalize_model_grads_func = finalize_model_grads
+            decay_steps = o.lr_decay_steps or 1
+            self.scheduler = OptimizerParamScheduler(
+                self.optimizer,
+                init_lr=0.0 if o.lr_warmup_steps else o.lr,
+                max_lr=o.lr,
+                min_lr=o.min_lr,
+                lr_warmup_steps=o.lr_warmup_steps,
+                lr_decay_steps=max(decay_steps, o.lr_warmup_steps + 1),
+                lr_decay_style=o.lr_decay_style,
+                start_wd=o.weight_decay,
+                end_wd=o.weight_decay,
+                wd_incr_steps=1,
+                wd_incr_style="constant",
+            )
         else:
             for c in chunks:
                 c.requires_grad_(False)
@@ -106,6 +121,7 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         metrics = self.forward_backward(microbatches, loss_fn, with_labels=with_labels)
         ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(1)
         return {"metrics": metrics, "grad_norm": grad_norm, "update_successful": ok, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def named_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter]]:

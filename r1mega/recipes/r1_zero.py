@@ -1,0 +1,148 @@
+"""`recipe=r1_zero`: GRPO from the base model with rule rewards (DeepSeek-R1, 2.2).
+
+Held-out eval before RL → `recipe.steps` GRPO steps (checkpoint every `save_every`, resumable after
+kill -9) → held-out eval after RL; metrics go to W&B / JSONL / console, and `curves.png` plots
+reward, accuracy and response length per step. Everything lives in `run_dir`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from r1mega.checkpoint.manager import CheckpointManager
+from r1mega.data.prompts import PromptSource, load_rows
+from r1mega.parallel.state import destroy_distributed, init_distributed, seed_everything
+from r1mega.recipes.base import prepare_base
+from r1mega.trainer.metrics import MetricsLogger, is_rank0, plot_curves
+
+CURVES = ["reward/mean", "accuracy", "format_rate", "response_length/mean"]
+
+
+def run(cfg) -> dict:
+    launch = init_distributed(cfg.parallel, cfg.platform)
+    seed_everything(cfg.platform.seed, on_cpu=cfg.platform.device == "cpu")
+    try:
+        return _run(cfg, launch)
+    finally:
+        destroy_distributed()
+
+
+def _run(cfg, launch) -> dict:
+    from r1mega.trainer.engine import MegatronEngine
+    from r1mega.trainer.grpo import GRPOTrainer
+
+    r = cfg.recipe
+    run_dir = Path(cfg.run_dir)
+    base = prepare_base(cfg)
+    tok = base.tokenizer()
+    prompts = PromptSource(load_rows(cfg.data, "train"), tok, r.template, r.max_prompt_tokens, seed=cfg.platform.seed)
+    eval_rows = load_rows(cfg.data, "eval")
+
+    policy = MegatronEngine(cfg)
+    ref = MegatronEngine(cfg, trainable=False) if cfg.algorithm.kl_coef else None
+    ckpt = CheckpointManager(run_dir / "ckpt", keep_last=r.keep_last)
+    ref_ckpt = CheckpointManager(run_dir / "ref", keep_last=1)
+    start, ref_step = 0, 0
+    if ckpt.latest_step() is not None:
+        state = ckpt.load(policy.model, policy.optimizer)
+        start, ref_step = state["step"], state["ref_step"]
+        policy.scheduler.load_state_dict(state["scheduler"])
+    else:
+        base.load_into(policy.model)
+    if ref is not None:
+        ref_ckpt.load(ref.model, step=ref_step) if ref_step else base.load_into(ref.model)
+
+    engine = _engine(cfg, tok, run_dir, launch)
+    trainer = GRPOTrainer(cfg, policy, ref, engine, tok, prompts)
+    trainer.ref_step = ref_step
+    trainer.colocation.weight_sync.sync(policy.model, engine)  # the engine starts from dummy weights
+
+    log = MetricsLogger(run_dir, r.name, r.steps, config=OmegaConf.to_container(cfg, resolve=True), start_step=start,
+                        headline=("reward/mean", "accuracy", "response_length/mean"), use_wandb=r.wandb)
+    if prompts.skipped:
+        log.print(f"[yellow]{prompts.skipped} prompts longer than recipe.max_prompt_tokens={r.max_prompt_tokens} were skipped")
+    before = _cached_eval(trainer, cfg, eval_rows, run_dir / "eval_before.json")
+    for step in range(start, r.steps):
+        metrics = trainer.step(step)
+        if r.eval.every and (step + 1) % r.eval.every == 0 and step + 1 < r.steps:
+            metrics.update({f"eval/{k}": v for k, v in _evaluate(trainer, cfg, eval_rows).items()})
+        log.log(step + 1, metrics)
+        if (step + 1) % r.save_every == 0 or step + 1 == r.steps:
+            if trainer.ref_step > ref_step:
+                ref_step = trainer.ref_step
+                ref_ckpt.save(ref_step, ref.model)
+            ckpt.save(step + 1, policy.model, policy.optimizer,
+                      state={"ref_step": ref_step, "scheduler": policy.scheduler.state_dict()})
+    after = _cached_eval(trainer, cfg, eval_rows, run_dir / "eval_after.json")
+    log.close()
+    summary = {"before": before, "after": after}
+    if is_rank0():
+        png = plot_curves(log.rows(), CURVES, run_dir / "curves.png", f"{r.name}: {cfg.model.name} on {cfg.data.name}")
+        _print_summary(before, after, png, cfg)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if engine is not None:
+        engine.shutdown()
+    return summary
+
+
+def _engine(cfg, tok, run_dir: Path, launch):
+    """vLLM serving `model` from a directory with its config and tokenizer (weights come by sync).
+    CPU: one engine on rank 0; GPU: every rank holds its shard (SPMD, external_launcher)."""
+    from r1mega.checkpoint.hf_mapping import hf_config
+    from r1mega.rollout.vllm_engine import VLLMEngine
+
+    on_cpu = cfg.platform.device == "cpu"
+    if on_cpu and launch.rank != 0:
+        return None
+    engine_dir = run_dir / "engine"
+    if launch.local_rank == 0:
+        engine_dir.mkdir(parents=True, exist_ok=True)
+        config = dict(hf_config(cfg.model), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        (engine_dir / "config.json").write_text(json.dumps(config, indent=2))
+        tok.save_pretrained(engine_dir)
+    if not on_cpu:
+        torch.distributed.barrier()
+    return VLLMEngine(engine_dir, cfg.rollout, device=cfg.platform.device, seed=cfg.platform.seed, load_format="dummy")
+
+
+def _evaluate(trainer, cfg, rows) -> dict:
+    """Held-out pass@1 (and the rest of `r1mega.eval`'s numbers) on the engine rank, shared."""
+    from r1mega.eval.runner import evaluate
+    from r1mega.trainer.grpo import _broadcast
+
+    out = None
+    if trainer.engine is not None:
+        e = cfg.recipe.eval
+        result = evaluate(trainer.engine, trainer.tok, rows, cfg.recipe.template, k=e.k, temperature=e.temperature,
+                          top_p=e.top_p, max_tokens=e.max_tokens, seed=cfg.platform.seed,
+                          max_model_len=cfg.rollout.max_model_len)
+        flat = result.samples
+        out = {"accuracy": sum(s["correct"] for s in flat) / max(len(flat), 1),
+               "format_rate": sum(s["format"] for s in flat) / max(len(flat), 1),
+               "mean_tokens": sum(s["num_tokens"] for s in flat) / max(len(flat), 1),
+               "problems": len(flat) // e.k, "k": e.k}
+    return _broadcast(out)
+
+
+def _cached_eval(trainer, cfg, rows, path: Path) -> dict:
+    """A resumed run reuses the eval it already did (the model it measured is gone)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = _evaluate(trainer, cfg, rows)
+    if is_rank0():
+        path.write_text(json.dumps(result))
+    return result
+
+
+def _print_summary(before: dict, after: dict, png: Path, cfg) -> None:
+    e = cfg.recipe.eval
+    print(f"\nheld-out eval ({before['problems']} problems x {e.k} samples, temperature {e.temperature}, "
+          f"top-p {e.top_p}; seed {cfg.platform.seed}):")
+    for name, key in (("accuracy (pass@1)", "accuracy"), ("format rate", "format_rate"), ("mean tokens", "mean_tokens")):
+        b, a = before[key], after[key]
+        scale, unit = (100, " pts") if key != "mean_tokens" else (1, "")
+        print(f"  {name:18s} before RL {b * scale:6.1f}   after RL {a * scale:6.1f}   change {(a - b) * scale:+6.1f}{unit}")
+    print(f"curves: {png}")
