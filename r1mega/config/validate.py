@@ -147,11 +147,34 @@ def _platform_problems(m, par, plat) -> list[str]:
     return p
 
 
+def _input_problems(cfg) -> list[str]:
+    """Files a run reads: the prompt files of `data`, the base model directory of an RL recipe."""
+    from pathlib import Path
+
+    from r1mega.data.prompts import data_dir
+
+    p = []
+    data = cfg.get("data")
+    if data is not None and data.source not in ("arithmetic", "jsonl"):
+        p.append(f"data.source={data.source!r} is not one of arithmetic, jsonl.")
+    if data is not None and data.source == "jsonl":
+        for key in ("train_file", "eval_file"):
+            name = data.get(key)
+            path = None if name is None else (Path(name) if Path(name).is_absolute() else data_dir(data) / name)
+            if path is None or not path.is_file():
+                p.append(f"data.{key}={name!r} is not a file (looked in {path or data_dir(data)}).")
+    base = cfg.recipe.get("base", "embedded")
+    if base != "embedded" and not (Path(base) / "config.json").is_file():
+        p.append(f"recipe.base={base!r} is not a Hugging Face model directory (no config.json there).")
+    return p
+
+
 def validate(cfg) -> None:
     """Raise `ConfigError` listing every rule `cfg` breaks; return None when it can run."""
     problems = _model_problems(cfg.model)
     if not problems:
         problems = _parallel_problems(cfg.model, cfg.parallel, world_size_of(cfg.parallel))
     problems += _platform_problems(cfg.model, cfg.parallel, cfg.platform)
+    problems += _input_problems(cfg)
     if problems:
         raise ConfigError(problems)

@@ -2,10 +2,11 @@
 R1-Zero format. Nothing is downloaded, so the CPU default makes its own base model from this.
 
 The pretraining corpus imitates a base model with latent skill and noisy habits: every document
-states the problem with the paper's template, but only `p_format` of the completions use the
-`<think>…</think> <answer>…</answer>` form, and only `p_correct` of them give the right sum (the rest
-are off by one or by ten). A model trained on it can add, yet samples a wrong or malformed answer
-most of the time; R1-Zero's accuracy and format rewards have something to elicit.
+states the problem with the paper's template and works the sum out column by column, but only
+`p_format` of the completions use the `<think>…</think> <answer>…</answer>` form, and only
+`p_correct` of them state the sum the reasoning reached (the rest are off by one or by ten). A model
+trained on it can add, yet samples a wrong or malformed answer most of the time; R1-Zero's accuracy
+and format rewards have something to elicit.
 
 The pairs (a, b) are split three ways: pretraining, RL prompts, and eval; RL and eval problems never
 occur in the corpus, and eval problems are not RL prompts either. `cfg` is `ArithmeticConfig`
@@ -18,6 +19,7 @@ import random
 from r1mega.data.templates import render
 
 SOURCE = "arithmetic"
+VERSION = 2  # of the corpus text; part of the embedded base's cache key
 
 
 def problem_text(a: int, b: int) -> str:
@@ -42,16 +44,24 @@ def rows(cfg, split: str) -> list[dict]:
     return [row(a, b, split) for a, b in split_pairs(cfg)[split]]
 
 
+def reasoning(a: int, b: int) -> str:
+    """Column addition, ones then tens: each step is a one-digit fact the corpus repeats often, so a
+    tiny model can add numbers it never saw by composing them."""
+    ones = a % 10 + b % 10
+    return f"{a % 10} + {b % 10} = {ones} , {a // 10} + {b // 10} + {ones // 10} = {a // 10 + b // 10 + ones // 10}"
+
+
 def completion(a: int, b: int, rng: random.Random, cfg) -> str:
-    """One noisy base-model continuation of the template for `a + b`."""
+    """One noisy base-model continuation of the template for `a + b`: the reasoning is always right,
+    the stated answer only with probability `p_correct` (else off by one or by ten)."""
     c = a + b
     if rng.random() >= cfg.p_correct:
         c = max(0, c + rng.choice((-1, 1, 10, -10)))
         c = c if c != a + b else a + b + 1
-    think = f"{a} + {b} = {c}"
+    think = reasoning(a, b)
     if rng.random() < cfg.p_format:
         return f" <think> {think} </think> <answer> {c} </answer>"
-    return rng.choice((f" {c}", f" The answer is {c}.", f" <think> {think} </think> {c}", f" {think}"))
+    return rng.choice((f" {c}", f" The answer is {c}.", f" <think> {think} </think> {c}", f" {think} . {c}"))
 
 
 def pretraining_corpus(cfg, num_docs: int, seed: int) -> list[tuple[str, str]]:

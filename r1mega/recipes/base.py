@@ -56,7 +56,7 @@ def prepare_base(cfg) -> Base:
 def embedded_base(cfg) -> Base:
     p = cfg.recipe.pretrain
     key_src = json.dumps([OmegaConf.to_container(x, resolve=True) for x in (cfg.model, cfg.data.arithmetic, p)]
-                         + [cfg.platform.seed], sort_keys=True)
+                         + [cfg.platform.seed, arithmetic.VERSION], sort_keys=True)
     root = Path(cfg.recipe.cache_dir) / f"base-{cfg.model.name}-{hashlib.sha256(key_src.encode()).hexdigest()[:12]}"
     base = Base(cfg.model, tokenizer_dir=root / "tokenizer", checkpoint=root / "ckpt")
     if (root / "DONE").exists():

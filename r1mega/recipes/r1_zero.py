@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from r1mega.checkpoint.manager import CheckpointManager
 from r1mega.data.prompts import PromptSource, load_rows
 from r1mega.parallel.state import destroy_distributed, init_distributed, seed_everything
-from r1mega.recipes.base import prepare_base
+from r1mega.recipes.base import Base, prepare_base
 from r1mega.trainer.metrics import MetricsLogger, is_rank0, plot_curves
 
 CURVES = ["reward/mean", "accuracy", "format_rate", "response_length/mean"]
@@ -25,18 +25,18 @@ def run(cfg) -> dict:
     launch = init_distributed(cfg.parallel, cfg.platform)
     seed_everything(cfg.platform.seed, on_cpu=cfg.platform.device == "cpu")
     try:
-        return _run(cfg, launch)
+        return rl_stage(cfg, prepare_base(cfg), Path(cfg.run_dir), launch)
     finally:
         destroy_distributed()
 
 
-def _run(cfg, launch) -> dict:
+def rl_stage(cfg, base: Base, run_dir: Path, launch) -> dict:
+    """GRPO from `base` with `cfg.recipe`'s settings, everything under `run_dir`; returns the
+    before/after eval. Restarting with the same `run_dir` resumes from its last checkpoint."""
     from r1mega.trainer.engine import MegatronEngine
     from r1mega.trainer.grpo import GRPOTrainer
 
     r = cfg.recipe
-    run_dir = Path(cfg.run_dir)
-    base = prepare_base(cfg)
     tok = base.tokenizer()
     prompts = PromptSource(load_rows(cfg.data, "train"), tok, r.template, r.max_prompt_tokens, seed=cfg.platform.seed)
     eval_rows = load_rows(cfg.data, "eval")
