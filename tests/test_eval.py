@@ -13,7 +13,7 @@ from r1mega.data.jsonl import DataError
 from r1mega.data.templates import render
 from r1mega.eval import benchmarks
 from r1mega.eval.__main__ import main
-from r1mega.eval.metrics import majority_vote, mean_pass_at_k, pass_at_k, same_answer, vote_correct
+from r1mega.eval.metrics import cons_at_k, majority_vote, mean_pass_at_k, pass_at_k, same_answer
 from r1mega.eval.runner import evaluate
 from r1mega.rollout.engine import Completion, RequestOutput, RolloutEngine
 
@@ -75,10 +75,14 @@ def test_majority_vote(answers, winner):
 
 
 def test_cons_at_k_takes_the_majority_not_any_correct_sample():
-    assert vote_correct(["5", "6", "6", None], [True, False, False, False]) is False
-    assert vote_correct(["6", "5", "6", "5"], [False, True, False, True]) is False  # tie: earliest class
-    assert vote_correct(["5", "6", "6", "5"], [True, False, False, True]) is True
-    assert vote_correct([None, None], [False, False]) is False
+    answers = [["5", "6", "6", None], ["6", "5", "6", "5"], ["5", "6", "6", "5"], [None, None, None, "5"],
+               [None] * 4]
+    correct = [[True, False, False, False], [False, True, False, True], [True, False, False, True],
+               [False, False, False, True], [False] * 4]
+    winners = [majority_vote(a) for a in answers]
+    assert winners == [1, 0, 0, 3, None]  # the second and third are 2-2 ties: the earliest class wins
+    assert cons_at_k(winners, correct) == pytest.approx(2 / 5)
+    assert mean_pass_at_k(correct, 1) == pytest.approx((0.25 + 0.5 + 0.5 + 0.25 + 0) / 5)
 
 
 # ---- benchmark loaders ----------------------------------------------------------------------------
@@ -194,8 +198,11 @@ ROWS = [
 def test_evaluate_exact_values():
     engine = ScriptedEngine(SCRIPT)
     prompt_len = len(render("P1"))
-    result = evaluate(engine, CharTokenizer(), ROWS, k=4, max_tokens=100, seed=3, max_model_len=prompt_len + 101)
-    assert engine.calls == [dict(n=4, temperature=0.6, top_p=0.95, max_tokens=100, seed=3)]
+    done = []
+    result = evaluate(engine, CharTokenizer(), ROWS, k=4, max_tokens=100, seed=3, max_model_len=prompt_len + 101,
+                      chunk=2, progress=lambda *args: done.append(args))
+    assert engine.calls == [dict(n=4, temperature=0.6, top_p=0.95, max_tokens=100, seed=3)] * 2
+    assert done == [(2, 3), (3, 3)]
     a, b = result.metrics["a"], result.metrics["b"]
     assert (a["problems"], a["skipped"], b["problems"], b["skipped"], b["skipped_ids"]) == (2, 0, 1, 1, ["b/4"])
     assert a["pass@1"] == 0.5

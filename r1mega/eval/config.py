@@ -1,4 +1,5 @@
-"""`EvalConfig`: the options of `python -m r1mega.eval` (key=value on its command line)."""
+"""`EvalOptions`: the options of `python -m r1mega.eval` (key=value on its command line). The loops'
+periodic eval has its own settings (`EvalConfig` in `r1mega.config.schema`) and can call `runner.evaluate`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,7 +7,7 @@ from typing import List, Optional
 
 
 @dataclass
-class EvalConfig:
+class EvalOptions:
     benchmarks: List[str] = field(default_factory=lambda: ["aime24", "math500", "gsm8k", "amc23"])
     k: int = 4  # samples per problem (the paper: 64 for cons@64, 4-64 for pass@1)
     temperature: float = 0.6

@@ -27,10 +27,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
-    """pass@k averaged over problems; `correct[i]` holds the outcomes of problem i's samples.
-    With k = 1 this is pass@1: the mean per-problem fraction correct."""
-    if not correct:
-        return 0.0
+    """pass@k averaged over (at least one) problems; `correct[i]` holds the outcomes of problem i's
+    samples. With k = 1 this is pass@1: the mean per-problem fraction correct."""
     return sum(pass_at_k(len(c), sum(map(bool, c)), k) for c in correct) / len(correct)
 
 
@@ -57,7 +55,7 @@ def majority_vote(answers: Sequence[str | None], equivalent: Callable[[str, str]
     return max(classes, key=len)[0] if classes else None  # max keeps the first of equal lengths
 
 
-def vote_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
-    """cons@k outcome of one problem: whether the majority answer's sample is correct."""
-    winner = majority_vote(answers)
-    return winner is not None and bool(correct[winner])
+def cons_at_k(winners: Sequence[int | None], correct: Sequence[Sequence[bool]]) -> float:
+    """cons@k over (at least one) problems: the fraction whose majority-vote winner (`majority_vote`
+    of problem i's answers, None when no sample answered) is a correct sample."""
+    return sum(w is not None and bool(c[w]) for w, c in zip(winners, correct, strict=True)) / len(correct)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from r1mega.checkpoint.hf_mapping import hf_config
+from r1mega.config.schema import ArithmeticConfig
 from r1mega.data import arithmetic
 from r1mega.data.tokenizer import train_tokenizer
 from r1mega.eval import benchmarks
@@ -26,7 +27,7 @@ SEED = 0
 
 
 def _texts() -> list[str]:
-    docs = arithmetic.pretraining_corpus(arithmetic.ArithmeticConfig(), NUM_DOCS, SEED)
+    docs = arithmetic.pretraining_corpus(ArithmeticConfig(), NUM_DOCS, SEED)
     problems = [row["problem"] for name in benchmarks.BENCHMARKS for row in benchmarks.load(name)]
     return [prompt + completion for prompt, completion in docs] + problems
 

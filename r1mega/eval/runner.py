@@ -9,9 +9,10 @@ which kills a check that hangs. Prompts that leave less than `max_tokens` of the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from r1mega.data.templates import render
-from r1mega.eval.metrics import majority_vote, mean_pass_at_k
+from r1mega.eval.metrics import cons_at_k, majority_vote, mean_pass_at_k
 from r1mega.rewards.format import format_reward
 from r1mega.rewards.math import accuracy, extract_answer
 from r1mega.rewards.pool import WorkerPool
@@ -29,14 +30,21 @@ class EvalResult:
 
 def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], template: str = "r1_zero", k: int = 4,
              temperature: float = 0.6, top_p: float = 0.95, max_tokens: int = 256, seed: int = 0,
-             max_model_len: int | None = None, workers: int = 2, timeout_s: float = 10.0) -> EvalResult:
-    """Evaluate `rows` ({id, problem, answer, data_source}); metrics are per data_source."""
+             max_model_len: int | None = None, workers: int = 2, timeout_s: float = 10.0, chunk: int = 64,
+             progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Evaluate `rows` ({id, problem, answer, data_source}); metrics are per data_source. `seed` goes
+    to the engine (vLLM draws sample j of every prompt with seed + j); `max_model_len` is the engine's.
+    Generation runs `chunk` problems per engine call, then calls `progress(problems done, total)`."""
     settings = dict(template=template, k=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                     seed=seed, max_model_len=max_model_len)
     prompts = [tokenizer.encode(render(row["problem"], template)) for row in rows]
     kept = [i for i, p in enumerate(prompts) if max_model_len is None or len(p) + max_tokens <= max_model_len]
-    outs = engine.generate([prompts[i] for i in kept], n=k, temperature=temperature, top_p=top_p,
-                           max_tokens=max_tokens, seed=seed) if kept else []
+    outs = []
+    for start in range(0, len(kept), chunk):
+        outs += engine.generate([prompts[i] for i in kept[start:start + chunk]], n=k, temperature=temperature,
+                                top_p=top_p, max_tokens=max_tokens, seed=seed)
+        if progress is not None:
+            progress(len(outs), len(kept))
     samples = []
     for i, out in zip(kept, outs):
         row = rows[i]
@@ -47,7 +55,7 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], template: str =
                 answer=extract_answer(text), format=format_reward(text, **FORMAT_STYLE[template]),
                 num_tokens=len(c.token_ids), finish_reason=c.finish_reason, completion=text,
             ))
-    correct, winners = _grade(samples, [rows[i] for i in kept], k, workers, timeout_s)
+    correct, winners = _grade(samples, k, workers, timeout_s)
     for s, ok in zip(samples, correct):
         s["correct"] = ok
     result, evaluated = EvalResult(settings, samples=samples), set(kept)
@@ -58,11 +66,11 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], template: str =
     return result
 
 
-def _grade(samples: list[dict], rows: list[dict], k: int, workers: int, timeout_s: float):
-    """(correct per sample, index within its problem of the majority-vote winner or None per problem)."""
+def _grade(samples: list[dict], k: int, workers: int, timeout_s: float):
+    """(correct per sample, per problem (k consecutive samples) the index of its vote's winner or None)."""
     checks = [(accuracy, (s["completion"], {"answer": s["gold"]}), {}, timeout_s) for s in samples]
-    votes = [(majority_vote, ([s["answer"] for s in samples[p * k:(p + 1) * k]],), {}, timeout_s * k)
-             for p in range(len(rows))]
+    votes = [(majority_vote, ([s["answer"] for s in samples[p:p + k]],), {}, timeout_s * k)
+             for p in range(0, len(samples), k)]
     pool = WorkerPool(workers)
     try:
         values = pool.run(checks + votes)  # None where a check timed out or failed
@@ -83,7 +91,7 @@ def _summary(groups: list[tuple[int, list[dict]]], winners: list, k: int, skippe
         "problems": len(groups),
         "skipped": len(skipped),
         "pass@1": mean_pass_at_k(outcomes, 1) if groups else None,
-        f"cons@{k}": mean([winners[p] is not None and g[winners[p]]["correct"] for p, g in groups]),
+        f"cons@{k}": cons_at_k([winners[p] for p, _ in groups], outcomes) if groups else None,
         f"pass@{k}": mean_pass_at_k(outcomes, k) if groups else None,
         "format": mean([s["format"] for s in flat]),
         "mean_tokens": mean([s["num_tokens"] for s in flat]),
