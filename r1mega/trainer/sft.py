@@ -4,14 +4,24 @@ A sample is prompt + response + EOS. Every position t predicts token t+1; the lo
 positions that predict response tokens (or every token with `loss_on_prompt`, i.e. plain LM
 pretraining). Samples are packed into `max_tokens` microbatches with per-sequence attention
 boundaries, so a packed batch gives each sequence the loss it would have alone.
+
+The loss of a step is the mean NLL over all its loss tokens, however they are packed: each
+microbatch's NLL sum is scaled by (microbatches x DP ranks / loss tokens in the whole step), which
+undoes megatron's per-microbatch division and DDP's average over data-parallel ranks. With DP > 1
+each DP rank trains on its share of the step's samples.
+
+`train_sft` runs a stage: epochs over rows rendered by `r1mega.data.chat` (`rows_to_samples`),
+logging loss, grad norm, lr, packing efficiency and tokens/s like the RL loop.
 """
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from r1mega.algorithms import vocab_parallel_logprobs
 from r1mega.data.packing import pack
@@ -22,9 +32,14 @@ class SFTConfig:
     steps: int = 100  # optimizer steps (a run of `epochs` over the data stops early when they end)
     epochs: int = 1
     batch_size: int = 64  # samples per optimizer step
-    max_tokens: int = 1024  # tokens per packed microbatch
+    max_tokens: int = 1024  # tokens per packed microbatch; longer samples are dropped by rows_to_samples
     loss_on_prompt: bool = False
     seed: int = 0
+    # lr schedule over the stage (`with_schedule`); lr=None keeps the run's `optim` settings.
+    lr: Optional[float] = None
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_decay_style: str = "cosine"
 
 
 def sft_sample(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int | None, loss_on_prompt: bool = False) -> dict:
@@ -35,51 +50,112 @@ def sft_sample(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: i
     return {"tokens": tokens, "target": target, "loss_mask": loss_mask}
 
 
+def rows_to_samples(rows: list[dict], tokenizer, template: str = "r1", max_tokens: int | None = None,
+                    loss_on_prompt: bool = False) -> tuple[list[dict], int]:
+    """(samples, number dropped for exceeding `max_tokens`) from SFT rows (`r1mega.data.chat.sft_text`).
+    Prompt and response are tokenized separately: the model generates the response after the prompt's tokens."""
+    from r1mega.data.chat import sft_text
+
+    texts = [sft_text(r, template) for r in rows]
+    prompts = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"] if texts else []
+    responses = tokenizer([r for _, r in texts], add_special_tokens=False)["input_ids"] if texts else []
+    samples = [sft_sample(p, r, tokenizer.eos_token_id, loss_on_prompt) for p, r in zip(prompts, responses)]
+    kept = [s for s in samples if max_tokens is None or len(s["tokens"]) <= max_tokens]
+    return kept, len(samples) - len(kept)
+
+
 def lm_loss(logits: torch.Tensor, batch: dict):
-    """Summed NLL over masked positions; megatron divides by the token count over microbatches."""
+    """NLL over masked positions. With `loss_scale` in the batch (sft_step sets it) the returned loss is
+    pre-normalised over the whole step (megatron gets 1 token); without, megatron divides by its tokens."""
     logp, _ = vocab_parallel_logprobs(logits, batch["target"])
     mask = batch["loss_mask"]
     nll = -(logp * mask).sum()
     tokens = mask.sum()
-    # clones: megatron divides the returned loss in place
-    return nll, tokens, {"nll_sum": nll.detach().clone(), "tokens": tokens.detach().clone()}
+    metrics = {"nll_sum": nll.detach().clone(), "tokens": tokens.detach().clone()}  # clones: megatron divides in place
+    if "loss_scale" in batch:
+        return nll * batch["loss_scale"], torch.ones((), dtype=torch.int), metrics
+    return nll, tokens, metrics
+
+
+def num_steps(num_samples: int, cfg: SFTConfig) -> int:
+    return min(cfg.steps, max(num_samples // cfg.batch_size, 1) * cfg.epochs)
 
 
 def step_batches(num_samples: int, cfg: SFTConfig, start_step: int = 0):
     """(step, sample indices) for every optimizer step: a seeded shuffle per epoch, so a resumed run
     sees the same order from `start_step` on."""
     per_epoch = max(num_samples // cfg.batch_size, 1)
-    total = min(cfg.steps, per_epoch * cfg.epochs)
-    for step in range(start_step, total):
+    for step in range(start_step, num_steps(num_samples, cfg)):
         epoch, k = divmod(step, per_epoch)
         order = list(range(num_samples))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
         yield step, order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
 
 
+def with_schedule(run_cfg, cfg: SFTConfig, num_samples: int):
+    """`run_cfg` with `optim` set to the stage's lr schedule (warmup, then decay over its steps); build
+    the stage's MegatronEngine from it."""
+    from omegaconf import OmegaConf
+
+    if cfg.lr is None:
+        return run_cfg
+    return OmegaConf.merge(run_cfg, {"optim": {"lr": cfg.lr, "min_lr": cfg.min_lr, "lr_warmup_steps": cfg.warmup_steps,
+                                               "lr_decay_steps": num_steps(num_samples, cfg),
+                                               "lr_decay_style": cfg.lr_decay_style}})
+
+
 def sft_step(engine, samples: list[dict], max_tokens: int, thd: bool = False) -> dict:
-    """One optimizer step over `samples`; returns loss (mean NLL per token), grad norm, lr, packing."""
+    """One optimizer step over `samples`; returns loss (mean NLL per token over the step), grad norm, lr,
+    packing efficiency and this rank's real tokens."""
+    from megatron.core import parallel_state as ps
+
     par = engine.cfg.parallel
-    packed = pack(samples, max_tokens, pad_to_multiple=par.tensor_model_parallel_size if par.sequence_parallel else 1,
+    dp = ps.get_data_parallel_world_size()
+    shard = dp > 1 and len(samples) >= dp  # else every DP rank trains on all samples (identical grads)
+    mine = samples[ps.get_data_parallel_rank()::dp] if shard else samples
+    packed = pack(mine, max_tokens, pad_to_multiple=par.tensor_model_parallel_size if par.sequence_parallel else 1,
                   thd=thd, min_microbatches=par.pipeline_model_parallel_size)
+    total = torch.tensor(sum(float(mb["loss_mask"].sum()) for mb in packed.microbatches), dtype=torch.float64)
+    if shard:
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    scale = len(packed.microbatches) * (dp if shard else 1) / max(total.item(), 1.0)
+    for mb in packed.microbatches:
+        mb["loss_scale"] = torch.tensor(scale, dtype=torch.float32)
     out = engine.train_step(packed.microbatches, lm_loss)
-    metrics = out["metrics"]
-    loss = float("nan")
-    if metrics:  # last pipeline stage
-        nll = sum(m["nll_sum"] for m in metrics)
-        loss = (nll / sum(m["tokens"] for m in metrics).clamp(min=1)).item()
-    return {"loss": _from_last_stage(loss), "grad_norm": out["grad_norm"], "lr": out["lr"],
+    sums = torch.zeros(2, dtype=torch.float64)  # (NLL, tokens) of the last stage's microbatches
+    for m in out["metrics"]:
+        sums += torch.stack([m["nll_sum"].double(), m["tokens"].double()])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)  # TP copies count in both sums alike; non-last stages add zeros
+    loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+    return {"loss": loss, "grad_norm": out["grad_norm"], "lr": out["lr"],
             "packing_efficiency": packed.efficiency, "tokens": packed.real_tokens}
 
 
-def _from_last_stage(value: float) -> float:
-    """Scalars the last pipeline stage computed, on every rank (NaN elsewhere before this)."""
-    import math
+def train_sft(engine, samples: list[dict], cfg: SFTConfig, logger=None, start_step: int = 0,
+              on_step: Callable[[int, dict], None] | None = None, thd: bool = False) -> dict:
+    """Steps `start_step`..`num_steps` over `samples` (epochs of seeded shuffles, resumable by step).
+    Each step's metrics go to `logger.log(step, metrics)` (a MetricsLogger) and `on_step(step, metrics)`
+    (e.g. a checkpoint every N steps; `step` counts completed steps). Returns a summary."""
+    if not samples:
+        raise ValueError("train_sft: no samples")
+    per_epoch = max(len(samples) // cfg.batch_size, 1)
+    first = last = None
+    tokens = 0
+    start = time.perf_counter()
+    for step, idx in step_batches(len(samples), cfg, start_step):
+        t0 = time.perf_counter()
+        m = sft_step(engine, [samples[i] for i in idx], cfg.max_tokens, thd=thd)
+        dt = time.perf_counter() - t0
+        m.update({"epoch": step / per_epoch, "time/step": dt, "throughput/train_tokens_per_s": m["tokens"] / max(dt, 1e-9)})
+        first = m["loss"] if first is None else first
+        last, tokens = m["loss"], tokens + m["tokens"]
+        if logger is not None:
+            logger.log(step + 1, m)
+        if on_step is not None:
+            on_step(step + 1, m)
+    seconds = time.perf_counter() - start
+    return {"steps": num_steps(len(samples), cfg), "start_step": start_step, "samples": len(samples),
+            "epochs": num_steps(len(samples), cfg) / per_epoch, "first_loss": first, "last_loss": last,
+            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
 
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([0.0 if math.isnan(value) else value, 0.0 if math.isnan(value) else 1.0], dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t[0] / t[1].clamp(min=1)).item()
