@@ -39,7 +39,19 @@ def launch_from_env(env: dict[str, str] | None = None) -> Launch:
     addr = env.get("MASTER_ADDR")
     if addr is None:
         addr = _first_slurm_host(env["SLURM_JOB_NODELIST"]) if "SLURM_JOB_NODELIST" in env and world > 1 else "127.0.0.1"
-    return Launch(rank, local, world, addr, int(env.get("MASTER_PORT", 29500)))
+    port = env.get("MASTER_PORT")
+    if port is None:
+        # A lone process picks a free port, so two single-process jobs on one machine do not collide.
+        port = _free_port() if world == 1 else 29500
+    return Launch(rank, local, world, addr, int(port))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(par, plat, launch: Launch | None = None) -> Launch:

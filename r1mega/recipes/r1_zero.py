@@ -108,8 +108,10 @@ def _engine(cfg, tok, run_dir: Path, launch):
     return VLLMEngine(engine_dir, cfg.rollout, device=cfg.platform.device, seed=cfg.platform.seed, load_format="dummy")
 
 
-def _evaluate(trainer, cfg, rows) -> dict:
-    """Held-out pass@1 (and the rest of `r1mega.eval`'s numbers) on the engine rank, shared."""
+def _evaluate(trainer, cfg, rows, out_dir: Path | None = None) -> dict:
+    """Held-out pass@1 (and the rest of `r1mega.eval`'s numbers) on the engine rank, shared;
+    tables and per-sample records go to `out_dir`."""
+    from r1mega.eval.report import save
     from r1mega.eval.runner import evaluate
     from r1mega.trainer.grpo import _broadcast
 
@@ -119,6 +121,8 @@ def _evaluate(trainer, cfg, rows) -> dict:
         result = evaluate(trainer.engine, trainer.tok, rows, cfg.recipe.template, k=e.k, temperature=e.temperature,
                           top_p=e.top_p, max_tokens=e.max_tokens, seed=cfg.platform.seed,
                           max_model_len=cfg.rollout.max_model_len)
+        if out_dir is not None:
+            save(result, out_dir)
         flat = result.samples
         out = {"accuracy": sum(s["correct"] for s in flat) / max(len(flat), 1),
                "format_rate": sum(s["format"] for s in flat) / max(len(flat), 1),
@@ -131,7 +135,7 @@ def _cached_eval(trainer, cfg, rows, path: Path) -> dict:
     """A resumed run reuses the eval it already did (the model it measured is gone)."""
     if path.exists():
         return json.loads(path.read_text())
-    result = _evaluate(trainer, cfg, rows)
+    result = _evaluate(trainer, cfg, rows, out_dir=path.with_suffix(""))
     if is_rank0():
         path.write_text(json.dumps(result))
     return result
