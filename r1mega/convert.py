@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+from contextlib import contextmanager, nullcontext
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +28,62 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS (Linux ≥ 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _without_random_init():
+    """Build a model whose every weight the import overwrites without megatron's random init: on
+    CPU it materialises each full weight, then its split copies (`_initialize_affine_weight_cpu`),
+    which raised the peak by more than the largest shard (162 MiB for an 84 MiB model)."""
+    from r1mega.models import build
+
+    original = build.transformer_config
+
+    def transformer_config(*args, **kwargs):
+        config = original(*args, **kwargs)
+        config.perform_initialization = False
+        return config
+
+    build.transformer_config = transformer_config
+    try:
+        yield
+    finally:
+        build.transformer_config = original
+
+
+class ImportMemory:
+    """Host memory of an import: RSS growth from before the model is built to the peak reached
+    while reading HF tensors, against the bound `largest shard + this rank's parameters`."""
+
+    def __init__(self):
+        self.start = _status_bytes("VmRSS")
+        self.exact = self.start is not None and _reset_peak_rss()
+
+    def finish(self, chunks, reader: hf_io.HFReader) -> dict:
+        peak = _status_bytes("VmHWM") if self.exact else None
+        own = sum(t.numel() * t.element_size() for c in chunks for t in [*c.parameters(), *c.buffers()])
+        shard = max(f.stat().st_size for f in reader.shard_files())
+        growth = None if peak is None else peak - self.start
+        return dict(import_peak_growth=growth, own_params_bytes=own, largest_shard_bytes=shard)
+
+
 def convert(direction: str, src: str, dst: str, overrides: list[str]) -> dict:
     import torch.distributed as dist
 
@@ -37,8 +94,11 @@ def convert(direction: str, src: str, dst: str, overrides: list[str]) -> dict:
     cfg = compose(overrides)
     init_distributed(cfg.parallel, cfg.platform)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    chunks = [build_model(cfg.model, cfg.parallel, cfg.platform)]
+    memory = ImportMemory() if direction == "hf_to_megatron" else None
+    with _without_random_init() if memory else nullcontext():
+        chunks = [build_model(cfg.model, cfg.parallel, cfg.platform)]
     start = time.perf_counter()
+    import_memory = {}
     plan = export_plan(cfg.model, cfg.parallel)
     tensors = nbytes = 0
     with Progress(disable=not rank0, transient=True) as bar:
@@ -46,12 +106,18 @@ def convert(direction: str, src: str, dst: str, overrides: list[str]) -> dict:
         if direction == "hf_to_megatron":
             with hf_io.HFReader(src, dtype=DTYPES[cfg.model.params_dtype]) as reader:
 
-                def read(name):
-                    bar.advance(task)
-                    return reader(name)
+                class Read:  # the reader, advancing the progress bar (read_slice: TP ranks read their part)
+                    def __call__(self, name):
+                        bar.advance(task)
+                        return reader(name)
 
-                load_hf_tensors(chunks, cfg.model, read)
+                    def read_slice(self, name, *args):
+                        bar.advance(task)
+                        return reader.read_slice(name, *args)
+
+                load_hf_tensors(chunks, cfg.model, Read())
                 tensors, nbytes = reader.tensors_read, reader.bytes_read
+                import_memory = memory.finish(chunks, reader)
             save_model(chunks, dst)
             if rank0:
                 assets = Path(dst) / HF_ASSETS
@@ -69,11 +135,19 @@ def convert(direction: str, src: str, dst: str, overrides: list[str]) -> dict:
             else:
                 for _ in stream:  # collective: every rank takes part in the gathers
                     pass
-    summary = dict(tensors=tensors, bytes=nbytes, seconds=time.perf_counter() - start, peak_rss_mib=_peak_rss_mib())
+    summary = dict(
+        tensors=tensors, bytes=nbytes, seconds=time.perf_counter() - start, peak_rss_mib=_peak_rss_mib(), **import_memory
+    )
     if rank0:
+        mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+        growth = summary.get("import_peak_growth")
+        detail = "" if growth is None else (
+            f" (import: +{mib(growth)} over the start, bound: largest shard {mib(summary['largest_shard_bytes'])}"
+            f" + own params {mib(summary['own_params_bytes'])})"
+        )
         print(
             f"{direction}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB, "
-            f"{summary['seconds']:.2f} s, peak host RSS {summary['peak_rss_mib']:.0f} MiB"
+            f"{summary['seconds']:.2f} s, peak host RSS {summary['peak_rss_mib']:.0f} MiB{detail}"
         )
     destroy_distributed()
     return summary

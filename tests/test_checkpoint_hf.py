@@ -181,3 +181,53 @@ def test_cli_round_trip_is_bit_identical(tmp_path):
         assert set(a.names()) == set(b.names())
         assert all(torch.equal(a(n), b(n)) for n in a.names())
     assert (back / "generation_config.json").exists() and (back / "model.safetensors.index.json").exists()
+
+
+def _convert(*args):
+    from r1mega.convert import convert
+
+    return convert(*args)
+
+
+def test_import_peak_memory_within_largest_shard_plus_own_params(tmp_path):
+    """Peak RSS growth of `hf_to_megatron` (from before the model is built to the end of the import,
+    kernel high-water mark) ≤ largest shard + this rank's parameters, at 1 process and TP2, on a
+    model large enough (84 MiB, 3 shards) that interpreter noise does not decide it."""
+    overrides = [*MODELS["tiny_moe"], "model.vocab_size=32768"]
+    hf_dir = tmp_path / "hf"
+    model = make_hf_model(overrides, str(hf_dir))
+    (hf_dir / "model.safetensors").unlink()
+    model.save_pretrained(str(hf_dir), max_shard_size="40MB")
+    del model
+    assert len(list(hf_dir.glob("model-*.safetensors"))) == 3
+    mib = 2**20
+    for layout, n in [("single", 1), ("tp2", 2)]:
+        for r in run_distributed(_convert, n, "hf_to_megatron", str(hf_dir), str(tmp_path / layout), [*overrides, f"parallel={layout}"]):
+            growth, shard, own = r["import_peak_growth"], r["largest_shard_bytes"], r["own_params_bytes"]
+            print(f"{layout}: import peak +{growth / mib:.0f} MiB, largest shard {shard / mib:.0f} MiB + own params {own / mib:.0f} MiB")
+            assert growth is not None, "no /proc/self/clear_refs: cannot measure the peak"
+            assert 0.9 * own <= growth, "the measurement does not even see the parameters being written"
+            assert growth <= shard + own, f"{layout}: import peak {growth / mib:.0f} MiB > {(shard + own) / mib:.0f} MiB"
+
+
+def test_reader_reads_tp_slices_from_disk(tmp_path):
+    from safetensors.torch import save_file
+
+    from r1mega.checkpoint.hf_io import HFReader
+
+    g = torch.Generator().manual_seed(0)
+    w = {"w": torch.randn(12, 10, generator=g).to(torch.bfloat16), "b": torch.randn(12, generator=g), "s": torch.tensor(3.0)}
+    save_file(w, str(tmp_path / "model.safetensors"))
+    with HFReader(tmp_path, dtype=torch.float32) as r:
+        assert r.names() == ["b", "s", "w"] and torch.equal(r("s"), w["s"])
+        for dim, size in [(0, 2), (0, 3), (1, 2), (1, 5)]:
+            for rank in range(size):
+                want = w["w"].float().chunk(size, dim)[rank]
+                for block in (1, 7, 1 << 20):  # dim 1 reads blocks of rows
+                    got = r.read_slice("w", dim, rank, size, block_bytes=block)
+                    assert got.dtype == torch.float32 and torch.equal(got, want), (dim, size, rank, block)
+            before = r.bytes_read
+            r.read_slice("w", dim, 0, size)
+            if dim == 0:  # rows: only the slice is read (dim 1 reads every row, a block at a time)
+                assert r.bytes_read - before == w["w"].numel() * 2 // size, "read more than the slice"
+        assert torch.equal(r.read_slice("b", 0, 1, 3), w["b"].chunk(3)[1])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from r1mega.checkpoint import fp8
@@ -22,8 +22,59 @@ AUX_FILES = (
 )
 
 
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _header(f: BinaryIO) -> tuple[dict, int]:
+    """(tensor name -> {dtype, shape, data_offsets}, offset of the data section) of a safetensors file."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class _Shard:
+    """One safetensors file read with plain `readinto` into a fresh tensor per request. Not
+    memory-mapped (as `safe_open` is): mapped pages that were read count in the process's RSS
+    until the file is closed, so a reader holding every shard open grew by the whole checkpoint;
+    page-cache pages of plain reads do not."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "rb")
+        self.header, self.data = _header(self.file)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.header[name]["dtype"]]
+
+    def shape(self, name: str) -> list[int]:
+        return self.header[name]["shape"]
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only its rows `[start, stop)` (dim 0), read into fresh memory."""
+        meta = self.header[name]
+        shape, dtype = meta["shape"], DTYPES[meta["dtype"]]
+        begin, end = meta["data_offsets"]
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = [rows[1] - rows[0], *shape[1:]]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        self.file.seek(self.data + begin)
+        if end > begin and self.file.readinto(out.numpy()) != end - begin:
+            raise OSError(f"{self.file.name}: truncated tensor {name}")
+        return out.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class HFReader:
-    """Tensors of an HF directory by name, read lazily (memory-mapped) from their shard."""
+    """Tensors of an HF directory by name, read lazily from their shard, one at a time: the reader
+    itself holds no tensor data (see `_Shard`)."""
 
     def __init__(self, hf_dir: str | Path, dtype: torch.dtype | None = None):
         self.dir = Path(hf_dir)
@@ -32,11 +83,14 @@ class HFReader:
         if index.exists():
             self.files = json.loads(index.read_text())["weight_map"]
         else:
-            with safe_open(self.dir / "model.safetensors", "pt") as f:
-                self.files = {k: "model.safetensors" for k in f.keys()}
+            with open(self.dir / "model.safetensors", "rb") as f:
+                self.files = dict.fromkeys(sorted(_header(f)[0]), "model.safetensors")
         self._stack = ExitStack()
-        self._open = {}
+        self._open: dict[str, _Shard] = {}
         self.tensors_read = self.bytes_read = 0
+
+    def shard_files(self) -> list[Path]:
+        return [self.dir / f for f in dict.fromkeys(self.files.values())]
 
     def __enter__(self):
         return self
@@ -47,19 +101,44 @@ class HFReader:
     def names(self) -> list[str]:
         return [k for k in self.files if not k.endswith(fp8.SCALE_SUFFIX)]
 
-    def _raw(self, name: str) -> torch.Tensor:
+    def _shard(self, name: str) -> _Shard:
         file = self.files[name]
         if file not in self._open:
-            self._open[file] = self._stack.enter_context(safe_open(self.dir / file, "pt"))
-        t = self._open[file].get_tensor(name)
-        self.tensors_read += 1
+            self._open[file] = shard = _Shard(self.dir / file)
+            self._stack.callback(shard.close)
+        return self._open[file]
+
+    def _raw(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self._shard(name).read(name, rows)
         self.bytes_read += t.numel() * t.element_size()
         return t
 
     def __call__(self, name: str) -> torch.Tensor:
         t = self._raw(name)
+        self.tensors_read += 1
         if t.dtype == torch.float8_e4m3fn:
             t = fp8.dequantize(t, self._raw(name + fp8.SCALE_SUFFIX), self.dtype or torch.bfloat16)
+        return t if self.dtype is None else t.to(self.dtype)
+
+    def read_slice(self, name: str, dim: int, rank: int, size: int, block_bytes: int = 16 << 20) -> torch.Tensor:
+        """`self(name).chunk(size, dim)[rank]`, reading from disk only that part (dim 0: its rows;
+        dim 1: blocks of rows of at most `block_bytes`, keeping their column slice), so that a TP
+        rank never holds the full tensor. FP8 block-scaled tensors are read whole and dequantized."""
+        shard = self._shard(name)
+        shape = shard.shape(name)
+        if shard.dtype(name) == torch.float8_e4m3fn or dim > 1 or len(shape) <= dim or shape[dim] % size:
+            return self(name).chunk(size, dim)[rank].clone()
+        n = shape[dim] // size
+        self.tensors_read += 1
+        if dim == 0:
+            t = self._raw(name, (rank * n, (rank + 1) * n))
+        else:
+            t = torch.empty(shape[0], n, *shape[2:], dtype=shard.dtype(name))
+            row_bytes = max(1, t.element_size() * torch.Size(shape[1:]).numel())
+            step = max(1, block_bytes // row_bytes)
+            for start in range(0, shape[0], step):
+                stop = min(start + step, shape[0])
+                t[start:stop] = self._raw(name, (start, stop))[:, rank * n : (rank + 1) * n]
         return t if self.dtype is None else t.to(self.dtype)
 
 

@@ -279,13 +279,27 @@ def _tp(item: Item):
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
 
 
+def _tp_shard_model(m, size: int) -> SimpleNamespace:
+    """What a fused layout needs to know of one TP shard (qkv: its query groups)."""
+    return SimpleNamespace(num_query_groups=(m.num_query_groups or m.num_attention_heads) // size)
+
+
 def load_hf_tensors(chunks, model_cfg, read: Callable[[str], torch.Tensor]) -> int:
     m = model_cfg
+    # A TP shard of a fused tensor is the fusion of each HF part's own TP chunk (QKV splits whole
+    # query groups, [gate; up] each half, row-parallel tensors are plain), so a reader that can
+    # read part of a tensor (`HFReader.read_slice`) never materialises the full one.
+    read_slice = getattr(read, "read_slice", None) or (lambda name, dim, rank, size: read(name).chunk(size, dim)[rank])
     n = 0
     for item, tensor in _local_tensors(chunks, m).items():
-        full = LAYOUTS[item.rule.layout].to_mcore([read(name) for name in item.hf_names()], m)
         rank, size, _ = _tp(item)
-        shard = _shard(full, item.rule, rank, size)
+        layout = LAYOUTS[item.rule.layout]
+        if item.rule.tp is None or size == 1:
+            shard = layout.to_mcore([read(name) for name in item.hf_names()], m)
+        else:
+            assert item.rule.tp == 0 or item.rule.layout == "plain", item.rule
+            parts = [read_slice(name, item.rule.tp, rank, size) for name in item.hf_names()]
+            shard = layout.to_mcore(parts, _tp_shard_model(m, size))
         if shard.shape != tensor.shape:
             raise ValueError(f"{item.hf_names()}: HF gives {tuple(shard.shape)}, megatron has {tuple(tensor.shape)}")
         with torch.no_grad():
