@@ -19,7 +19,7 @@ def data_dir(cfg) -> Path:
 
 
 def load_rows(cfg, split: str) -> list[dict]:
-    """`split` is "train" or "eval"; rows get `problem`, `answer` and `data_source` keys."""
+    """`split` is "train" or "eval"; rows get `id`, `problem`, `answer` and `data_source` keys."""
     if cfg.source == "arithmetic":
         return arithmetic.rows(cfg.arithmetic, "rl" if split == "train" else "eval")
     if cfg.source != "jsonl":
@@ -29,10 +29,9 @@ def load_rows(cfg, split: str) -> list[dict]:
         raise DataError(f"data.{split}_file is not set for data={cfg.name}")
     path = Path(name) if Path(name).is_absolute() else data_dir(cfg) / name
     rows = []
-    for r in read_jsonl(path, required=[cfg.prompt_key, cfg.answer_key]):
-        source = cfg.data_source or r.get("data_source")
-        rows.append({**r, "problem": r[cfg.prompt_key], "answer": r[cfg.answer_key],
-                     **({"data_source": source} if source else {})})
+    for i, r in enumerate(read_jsonl(path, required=[cfg.prompt_key, cfg.answer_key])):
+        rows.append({**r, "id": r.get("id", f"{path.stem}-{i}"), "problem": r[cfg.prompt_key],
+                     "answer": r[cfg.answer_key], "data_source": cfg.data_source or r.get("data_source", cfg.name)})
     return rows[: cfg.eval_limit] if split == "eval" and cfg.eval_limit else rows
 
 

@@ -31,7 +31,6 @@ mean over pairs). `RewardModelEngine(cfg)` is a `MegatronEngine` whose chunks ar
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from copy import deepcopy
 
 import torch
@@ -98,29 +97,12 @@ def build_reward_model(m, par, plat, vp_stage: int | None = None) -> RewardGPTMo
     return model
 
 
-@contextmanager
-def _building_reward_models():
-    """`MegatronEngine` builds its chunks with `r1mega.trainer.engine.build_model`; for the duration of
-    an engine's construction that name builds reward models (everything else about the engine —
-    DDP, optimizer, scheduler, schedules — is shared). A `build_fn` argument of MegatronEngine would
-    make this unnecessary."""
-    import r1mega.trainer.engine as engine_mod
-
-    saved = engine_mod.build_model
-    engine_mod.build_model = build_reward_model
-    try:
-        yield
-    finally:
-        engine_mod.build_model = saved
-
-
 class RewardModelEngine(MegatronEngine):
     """A `MegatronEngine` (DDP + megatron optimizer + schedules) over reward-model chunks.
     `trainable=False` gives a frozen scorer."""
 
     def __init__(self, cfg, trainable: bool = True):
-        with _building_reward_models():
-            super().__init__(cfg, trainable)
+        super().__init__(cfg, trainable, build_fn=build_reward_model)
 
 
 # -- data and loss ------------------------------------------------------------------------------------

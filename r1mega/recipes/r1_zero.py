@@ -30,9 +30,10 @@ def run(cfg) -> dict:
         destroy_distributed()
 
 
-def rl_stage(cfg, base: Base, run_dir: Path, launch) -> dict:
+def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
     """GRPO from `base` with `cfg.recipe`'s settings, everything under `run_dir`; returns the
-    before/after eval. Restarting with the same `run_dir` resumes from its last checkpoint."""
+    before/after eval. Restarting with the same `run_dir` resumes from its last checkpoint.
+    `reward_model`: an optional `RewardModelScorer` whose score joins the rule rewards."""
     from r1mega.trainer.engine import MegatronEngine
     from r1mega.trainer.grpo import GRPOTrainer
 
@@ -56,36 +57,38 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch) -> dict:
         ref_ckpt.load(ref.model, step=ref_step) if ref_step else base.load_into(ref.model)
 
     engine = _engine(cfg, tok, run_dir, launch)
-    trainer = GRPOTrainer(cfg, policy, ref, engine, tok, prompts)
-    trainer.ref_step = ref_step
-    trainer.colocation.weight_sync.sync(policy.model, engine)  # the engine starts from dummy weights
+    try:
+        trainer = GRPOTrainer(cfg, policy, ref, engine, tok, prompts, reward_model=reward_model)
+        trainer.ref_step = ref_step
+        trainer.colocation.weight_sync.sync(policy.model, engine)  # the engine starts from dummy weights
 
-    log = MetricsLogger(run_dir, r.name, r.steps, config=OmegaConf.to_container(cfg, resolve=True), start_step=start,
-                        headline=("reward/mean", "accuracy", "response_length/mean"), use_wandb=r.wandb)
-    if prompts.skipped:
-        log.print(f"[yellow]{prompts.skipped} prompts longer than recipe.max_prompt_tokens={r.max_prompt_tokens} were skipped")
-    before = _cached_eval(trainer, cfg, eval_rows, run_dir / "eval_before.json")
-    for step in range(start, r.steps):
-        metrics = trainer.step(step)
-        if r.eval.every and (step + 1) % r.eval.every == 0 and step + 1 < r.steps:
-            metrics.update({f"eval/{k}": v for k, v in _evaluate(trainer, cfg, eval_rows).items()})
-        log.log(step + 1, metrics)
-        if (step + 1) % r.save_every == 0 or step + 1 == r.steps:
-            if trainer.ref_step > ref_step:
-                ref_step = trainer.ref_step
-                ref_ckpt.save(ref_step, ref.model)
-            ckpt.save(step + 1, policy.model, policy.optimizer,
-                      state={"ref_step": ref_step, "scheduler": policy.scheduler.state_dict()})
-    after = _cached_eval(trainer, cfg, eval_rows, run_dir / "eval_after.json")
-    log.close()
-    summary = {"before": before, "after": after}
-    if is_rank0():
-        png = plot_curves(log.rows(), CURVES, run_dir / "curves.png", f"{r.name}: {cfg.model.name} on {cfg.data.name}")
-        _print_summary(before, after, png, cfg)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if engine is not None:
-        engine.shutdown()
-    return summary
+        log = MetricsLogger(run_dir, r.name, r.steps, config=OmegaConf.to_container(cfg, resolve=True), start_step=start,
+                            headline=("reward/mean", "accuracy", "response_length/mean"), use_wandb=r.wandb)
+        if prompts.skipped:
+            log.print(f"[yellow]{prompts.skipped} prompts longer than recipe.max_prompt_tokens={r.max_prompt_tokens} were skipped")
+        before = _cached_eval(trainer, cfg, eval_rows, run_dir / "eval_before.json")
+        for step in range(start, r.steps):
+            metrics = trainer.step(step)
+            if r.eval.every and (step + 1) % r.eval.every == 0 and step + 1 < r.steps:
+                metrics.update({f"eval/{k}": v for k, v in _evaluate(trainer, cfg, eval_rows).items()})
+            log.log(step + 1, metrics)
+            if (step + 1) % r.save_every == 0 or step + 1 == r.steps:
+                if trainer.ref_step > ref_step:
+                    ref_step = trainer.ref_step
+                    ref_ckpt.save(ref_step, ref.model)
+                ckpt.save(step + 1, policy.model, policy.optimizer,
+                          state={"ref_step": ref_step, "scheduler": policy.scheduler.state_dict()})
+        after = _cached_eval(trainer, cfg, eval_rows, run_dir / "eval_after.json")
+        log.close()
+        summary = {"before": before, "after": after}
+        if is_rank0():
+            png = plot_curves(log.rows(), CURVES, run_dir / "curves.png", f"{r.name}: {cfg.model.name} on {cfg.data.name}")
+            _print_summary(before, after, png, cfg)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        if engine is not None:
+            engine.shutdown()  # before the process groups go: vLLM destroys its own at shutdown
 
 
 def _engine(cfg, tok, run_dir: Path, launch):

@@ -17,18 +17,19 @@ from r1mega.models.build import DTYPES, build_model
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
-def _build_chunks(cfg) -> list[torch.nn.Module]:
+def _build_chunks(cfg, build_fn) -> list[torch.nn.Module]:
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
-    return [build_model(cfg.model, cfg.parallel, cfg.platform, vp_stage=v) for v in stages]
+    return [build_fn(cfg.model, cfg.parallel, cfg.platform, vp_stage=v) for v in stages]
 
 
 class MegatronEngine:
-    """This rank's share of a model. `trainable=False` gives a frozen model (reference policy)."""
+    """This rank's share of a model. `trainable=False` gives a frozen model (reference policy);
+    `build_fn` builds one chunk (default: the policy GPTModel; the reward model passes its own)."""
 
-    def __init__(self, cfg, trainable: bool = True):
+    def __init__(self, cfg, trainable: bool = True, build_fn=build_model):
         self.cfg = cfg
-        chunks = _build_chunks(cfg)
+        chunks = _build_chunks(cfg, build_fn)
         self.config = chunks[0].config
         self.optimizer = self.scheduler = None
         if trainable:

@@ -64,8 +64,10 @@ class GRPOTrainer:
     """`policy` / `ref`: MegatronEngine (trainable / frozen); `engine`: the rollout engine on ranks
     that hold one, else None; `prompts`: a PromptSource."""
 
-    def __init__(self, cfg, policy, ref, engine, tokenizer, prompts):
+    def __init__(self, cfg, policy, ref, engine, tokenizer, prompts, reward_model=None):
         self.cfg, self.policy, self.ref, self.engine, self.tok, self.prompts = cfg, policy, ref, engine, tokenizer, prompts
+        # Optional r1mega.rewards.reward_model.RewardModelScorer (collective, on every rank like `ref`).
+        self.reward_model = reward_model
         self.algo: GRPOConfig = OmegaConf.to_object(cfg.algorithm)
         self.reward = RewardManager(cfg.reward) if engine is not None else None
         self.colocation = Colocation(engine, WeightSync(cfg.model, cfg.parallel, cfg.rollout))
@@ -138,7 +140,21 @@ class GRPOTrainer:
                 max_tokens=self.max_response_tokens(step), seed=self.cfg.platform.seed + 7919 * step + 104729 * attempt,
             )
             payload = self._score(idx, outs)
-        return _broadcast(payload)
+        samples = _broadcast(payload)
+        if self.reward_model is not None:
+            self._score_reward_model(samples)
+        return samples
+
+    def _score_reward_model(self, samples: list[Sample]) -> None:
+        """The reward-model term next to the rule rewards: one batched (packed) pass over prompt +
+        response, on every rank; logged as reward/reward_model; weighted into `total` for the data
+        sources the scorer applies to."""
+        rm = self.reward_model
+        values = rm.score([s.prompt_ids + s.response_ids for s in samples])
+        for s, v in zip(samples, values):
+            s.scores[rm.name] = v
+            if rm.applies_to(self.prompts.rows[s.row], self.cfg.reward.source_key):
+                s.scores["total"] += rm.weight * v
 
     def _score(self, idx: list[int], outs: list[RequestOutput]) -> list[Sample]:
         texts, rows, samples = [], [], []
