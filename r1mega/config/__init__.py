@@ -9,6 +9,7 @@ from r1mega.config.validate import ConfigError, validate, world_size_of
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 register_configs()
+import r1mega.config.recipes  # noqa: E402,F401  (registers recipe/r1_recipe_schema, recipe/distill_recipe_schema)
 
 
 def _register_group_schemas() -> None:

@@ -13,4 +13,14 @@ def run_recipe(cfg: DictConfig) -> None:
 
         r1_zero.run(cfg)
         return
+    if cfg.recipe.name == "r1":
+        from r1mega.recipes import r1
+
+        r1.run(cfg)
+        return
+    if cfg.recipe.name == "distill":
+        from r1mega.recipes import distill
+
+        distill.run(cfg)
+        return
     raise NotImplementedError(f"recipe={cfg.recipe.name} is not implemented yet")

@@ -1,0 +1,152 @@
+"""Schemas of the multi-stage recipes: `recipe=r1` (cold start -> reasoning RL -> rejection sampling +
+SFT of the base -> RL for all scenarios) and `recipe=distill` (teacher samples -> correctness filter ->
+SFT of a student). Registered in the ConfigStore group "recipe" as `r1_recipe_schema` and
+`distill_recipe_schema`; values live in conf/recipe/{r1,distill}.yaml and the CPU overlays in
+conf/recipe_platform/{r1,distill}_cpu.yaml.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from r1mega.config.schema import EvalConfig, PretrainConfig, RecipeConfig
+from r1mega.data.rejection import RejectionConfig
+
+
+@dataclass
+class SFTStageConfig:
+    """An SFT run inside a recipe: epochs over packed samples, lr warmup + decay over the stage's
+    steps, a checkpoint (model + optimizer + scheduler) every `save_every` steps; a restarted stage
+    resumes from its last checkpoint."""
+
+    steps: int = 100000  # cap on optimizer steps; the epochs usually end first
+    epochs: int = 2
+    batch_size: int = 128  # samples per optimizer step
+    max_tokens: int = 32768  # tokens per packed microbatch; longer samples are dropped (and counted)
+    lr: float = 5.0e-5
+    min_lr: float = 5.0e-6
+    warmup_steps: int = 0
+    lr_decay_style: str = "cosine"  # constant | cosine | linear
+    save_every: int = 100
+    keep_last: int = 1
+    wandb: bool = True
+
+
+@dataclass
+class ColdStartConfig:
+    """R1 stage 1: SFT of the base on long chain-of-thought examples in the R1 output form."""
+
+    data: Optional[str] = None  # JSONL ({problem, response} or {problem, reasoning, summary}); None: synthetic
+    num_examples: int = 4000  # synthetic examples (correct column-addition CoT + \boxed{} summary)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+
+
+@dataclass
+class RLStageConfig:
+    """A GRPO stage (`r1mega.recipes.r1_zero.rl_stage`). `algorithm`, `optim`, `reward` are merged
+    onto the run's top-level groups for this stage only."""
+
+    template: str = "r1"
+    steps: int = 1000
+    prompts_per_step: int = 32
+    max_prompt_tokens: int = 2048
+    max_response_tokens: int = 32768
+    response_length_schedule: Dict[int, int] = field(default_factory=dict)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    train_max_tokens: int = 65536
+    save_every: int = 50
+    keep_last: int = 2
+    wandb: bool = True
+    deterministic: bool = True
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    algorithm: Dict[str, Any] = field(default_factory=dict)
+    optim: Dict[str, Any] = field(default_factory=dict)
+    reward: Dict[str, Any] = field(default_factory=dict)
+    # All-scenario RL: a reward-model checkpoint to add as a reward term. Not wired into GRPO yet
+    # (README, "R1 and distillation recipes"): setting it is an error rather than a silent no-op.
+    reward_model: Optional[str] = None
+
+
+@dataclass
+class MixConfig:
+    """The SFT mixture: rejection-sampled reasoning rows plus a non-reasoning source (`rejection.mix`)."""
+
+    non_reasoning_data: Optional[str] = None  # JSONL ({problem, response}); None: a small synthetic set
+    num_synthetic: int = 200  # synthetic non-reasoning rows when no file is given
+    ratio: float = 3.0  # reasoning rows per non-reasoning row (paper: 600k / 200k)
+    seed: int = 0
+
+
+@dataclass
+class RejectionSFTConfig:
+    """R1 stage 3: rejection sampling on the reasoning-RL checkpoint (`r1mega.data.rejection`: k per
+    prompt, rule-accepted, readability filters, dedupe, <= m per prompt), mixed with non-reasoning
+    data, then SFT of the BASE model on the mix."""
+
+    num_prompts: Optional[int] = None  # first N prompts of the RL split; None: all
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+
+
+@dataclass
+class R1RecipeConfig(RecipeConfig):
+    """`recipe=r1`: four stages in one run directory with a manifest (`r1mega.recipes.r1`)."""
+
+    base: str = "embedded"  # embedded (CPU default) | an HF directory
+    stage: Optional[str] = None  # run only this stage (earlier ones must be done in run_dir)
+    template: str = "r1"
+    cache_dir: str = "runs/cache"
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    rl_reasoning: RLStageConfig = field(default_factory=RLStageConfig)
+    rejection_sft: RejectionSFTConfig = field(default_factory=RejectionSFTConfig)
+    rl_all: RLStageConfig = field(default_factory=RLStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the final table: every stage's model, held out
+
+
+@dataclass
+class TeacherConfig:
+    """The distillation teacher. `checkpoint`: a megatron checkpoint root (with `latest`) or step dir,
+    e.g. an r1_zero / r1 run's `ckpt`; `hf_dir`: a Hugging Face directory (weights + tokenizer).
+    Neither: `embedded` — the embedded base made good at the task by a short cold-start SFT."""
+
+    model: Optional[str] = None  # a conf/model preset; None: the run's top-level `model` is the teacher too
+    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    parallel: Optional[str] = None  # a conf/parallel preset for the teacher; None: the top-level `parallel`
+    parallel_overrides: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+    tokenizer_dir: Optional[str] = None  # with `checkpoint`: its tokenizer (default: the embedded base's)
+    hf_dir: Optional[str] = None
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)  # embedded teacher only
+
+
+@dataclass
+class DistillRecipeConfig(RecipeConfig):
+    """`recipe=distill`: the top-level `model`/`parallel` are the student's; `teacher` has its own."""
+
+    base: str = "embedded"  # the student's starting weights: embedded | an HF directory | random
+    stage: Optional[str] = None
+    cache_dir: str = "runs/cache"
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    num_prompts: Optional[int] = None  # first N prompts of the RL split the teacher answers; None: all
+    generate: RejectionConfig = field(default_factory=RejectionConfig)  # k samples, correctness filter, <= m
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    template: str = "r1"  # the prompt form the teacher answers and the student learns
+
+
+def register_recipe_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="recipe", name="r1_recipe_schema", node=R1RecipeConfig)
+    cs.store(group="recipe", name="distill_recipe_schema", node=DistillRecipeConfig)
+
+
+register_recipe_configs()
+
+__all__: List[str] = ["ColdStartConfig", "DistillRecipeConfig", "MixConfig", "R1RecipeConfig", "RLStageConfig",
+                      "RejectionSFTConfig", "SFTStageConfig", "TeacherConfig"]

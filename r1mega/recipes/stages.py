@@ -1,0 +1,343 @@
+"""Stage helpers shared by the multi-stage recipes (`recipe=r1`, `recipe=distill`).
+
+- `sft_stage`: SFT of a starting model on rows (R1 output form), packed, epochs with an lr schedule,
+  checkpoints (model + optimizer + scheduler) every `save_every` steps; a restarted stage resumes
+  from its last checkpoint and a finished one is not redone.
+- `PolicySampler`: a frozen megatron copy of the model and a vLLM engine serving it; `load` puts a
+  checkpoint's weights into both (the engine gets them by weight sync, any training layout).
+- `rejection_sample`: `r1mega.data.rejection` (k samples per prompt, rule-accepted, readability
+  filters, dedupe, at most m per prompt, JSONL with provenance) on the engine rank.
+- `evaluate_model` / `print_eval_table`: the paper's protocol (pass@1 from k samples, cons@k) through
+  `r1mega.eval.runner.evaluate`, cached per model in the run directory, and the final table.
+- `stage_cfg`: the run's config with one stage's `recipe` (and `algorithm` / `optim` / `reward`
+  overlays), as `r1mega.recipes.r1_zero.rl_stage` reads it.
+
+Synthetic data for the embedded CPU default: long-CoT cold-start rows from the addition task
+(`reasoning(a, b)` as the chain of thought, the sum as a `\\boxed{}` summary) and a small
+non-reasoning set (answers with an empty chain of thought, as the paper does for simple queries).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from r1mega.data import arithmetic
+from r1mega.data.jsonl import read_jsonl, write_jsonl
+from r1mega.trainer.metrics import MetricsLogger, is_rank0, plot_curves
+
+
+class StageError(RuntimeError):
+    """A recipe cannot run as configured (missing earlier stage, unknown stage, unwired option)."""
+
+
+def log(msg: str) -> None:
+    if is_rank0():
+        print(msg, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def keep_trainer_world():
+    """vLLM's engine shutdown ends in `cleanup_dist_env_and_memory`, whose
+    `torch.distributed.destroy_process_group()` destroys the DEFAULT group: the trainer's world
+    (and with it every megatron group). A recipe starts several engines in one process (one per RL
+    stage, sampling, eval), so while it runs `VLLMEngine.shutdown` hides the trainer's default group
+    (vLLM then destroys only its own groups). The proper fix belongs in `VLLMEngine.shutdown`."""
+    from torch.distributed import distributed_c10d as c10d
+
+    from r1mega.rollout.vllm_engine import VLLMEngine
+
+    original = VLLMEngine.shutdown
+
+    def shutdown(self):
+        trainer_pg = c10d._world.default_pg if dist.is_initialized() else None
+        c10d._world.default_pg = None
+        try:
+            original(self)
+        finally:
+            if trainer_pg is not None:
+                c10d._world.default_pg = trainer_pg
+
+    VLLMEngine.shutdown = shutdown
+    try:
+        yield
+    finally:
+        VLLMEngine.shutdown = original
+
+
+# -- configs -------------------------------------------------------------------------------------------
+RL_FIELDS = ("template", "steps", "prompts_per_step", "max_prompt_tokens", "max_response_tokens",
+             "response_length_schedule", "temperature", "top_p", "train_max_tokens", "save_every", "keep_last",
+             "wandb", "deterministic", "eval")
+
+
+def stage_cfg(cfg: DictConfig, name: str, run_dir: Path, recipe: dict | DictConfig | None = None,
+              model=None, parallel=None, algorithm=None, optim=None, reward=None) -> DictConfig:
+    """A copy of `cfg` for one stage: `recipe` replaced (an RLRecipeConfig node when `recipe` is given),
+    the other groups merged with the given overlays, `run_dir` the stage's directory."""
+    from r1mega.config.schema import RLRecipeConfig
+
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.run_dir = str(run_dir)
+        if recipe is not None:
+            node = OmegaConf.structured(RLRecipeConfig)
+            out.recipe = OmegaConf.merge(node, recipe, {"name": name, "cache_dir": cfg.recipe.cache_dir})
+        for key, overlay in (("model", model), ("parallel", parallel), ("algorithm", algorithm), ("optim", optim),
+                             ("reward", reward)):
+            if overlay:
+                out[key] = OmegaConf.merge(out[key], overlay)
+    return out
+
+
+def rl_recipe(stage) -> dict:
+    """The fields of an RLStageConfig that `rl_stage` reads as `cfg.recipe`."""
+    return {k: OmegaConf.to_container(stage[k], resolve=True) if OmegaConf.is_config(stage[k]) else stage[k]
+            for k in RL_FIELDS}
+
+
+def preset(group: str, name: str, overrides=None) -> DictConfig:
+    """conf/<group>/<name>.yaml on its schema (a model or parallel preset), plus `overrides`."""
+    from r1mega.config import CONF_DIR
+    from r1mega.config.schema import ModelConfig, ParallelConfig
+
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise StageError(f"{group} preset {name!r} not found; known: {known}")
+    raw = OmegaConf.load(path)
+    with open_dict(raw):
+        raw.pop("defaults", None)
+    schema = {"model": ModelConfig, "parallel": ParallelConfig}[group]
+    return OmegaConf.merge(OmegaConf.structured(schema), raw, overrides or {})
+
+
+# -- SFT data ------------------------------------------------------------------------------------------
+def load_sft_rows(path: str | Path) -> list[dict]:
+    """SFT rows from JSONL: {problem, response} or {problem, reasoning, summary} (`r1mega.data.chat`)."""
+    return read_jsonl(path, required=["problem", ("response", "reasoning")])
+
+
+def cold_start_rows(arith, n: int, seed: int) -> list[dict]:
+    """`n` long-CoT rows in the R1 form from the pretraining split (never an RL or eval problem):
+    correct column-addition reasoning, then the sum as a `\\boxed{}` summary."""
+    rng = random.Random(seed)
+    pairs = arithmetic.split_pairs(arith)["pretrain"]
+    rows = []
+    for i in range(n):
+        a, b = pairs[rng.randrange(len(pairs))]
+        rows.append({"id": f"cold-{i}-{a}+{b}", "problem": arithmetic.problem_text(a, b), "answer": str(a + b),
+                     "data_source": arithmetic.SOURCE, "reasoning": arithmetic.reasoning(a, b),
+                     "summary": f"The answer is \\boxed{{{a + b}}}."})
+    return rows
+
+
+def non_reasoning_rows(n: int, seed: int) -> list[dict]:
+    """A small non-reasoning SFT set: copy tasks answered directly, with an empty chain of thought
+    (the paper gives simple queries no CoT)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randrange(100), rng.randrange(100)
+        rows.append({"id": f"chat-{i}", "problem": f"Repeat the numbers {a} and {b}.", "data_source": "chat",
+                     "response": f"\n</think>\n{a} and {b}"})
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    if is_rank0():
+        write_jsonl(path, rows)
+    barrier()
+
+
+# -- SFT stage -----------------------------------------------------------------------------------------
+def sft_stage(cfg: DictConfig, name: str, stage_dir: Path, init: Optional[Callable], rows: list[dict], sft, tok,
+              template: str) -> dict:
+    """SFT (`r1mega.trainer.sft.train_sft`) on `rows` from the weights `init(chunks)` puts in (None:
+    random init); checkpoints (model + optimizer + scheduler) under `stage_dir/ckpt` every `save_every`
+    steps and at the end, metrics in `stage_dir/<name>_metrics.jsonl`. Resumes from the last checkpoint;
+    a stage whose last step is saved is not redone."""
+    from r1mega.checkpoint.manager import CheckpointManager
+    from r1mega.trainer.sft import SFTConfig, num_steps, rows_to_samples, train_sft, with_schedule
+
+    samples, dropped = rows_to_samples(rows, tok, template, max_tokens=sft.max_tokens)
+    if not samples:
+        raise StageError(f"{name}: no SFT sample fits max_tokens={sft.max_tokens} ({len(rows)} rows)")
+    scfg = SFTConfig(steps=sft.steps, epochs=sft.epochs, batch_size=sft.batch_size, max_tokens=sft.max_tokens,
+                     seed=cfg.platform.seed, lr=sft.lr, min_lr=sft.min_lr, warmup_steps=sft.warmup_steps,
+                     lr_decay_style=sft.lr_decay_style)
+    total = num_steps(len(samples), scfg)
+    per_epoch = max(len(samples) // sft.batch_size, 1)
+    ckpt = CheckpointManager(stage_dir / "ckpt", keep_last=sft.keep_last)
+    start = ckpt.latest_step() or 0
+    summary = {"samples": len(samples), "dropped": dropped, "steps": total, "epochs": total / per_epoch,
+               "checkpoint": str(ckpt.root), "resumed_from": start}
+    metrics = stage_dir / f"{name}_metrics.jsonl"
+    if start >= total:  # finished before a restart: nothing to redo
+        return {**summary, **_loss_summary(metrics)}
+
+    from r1mega.trainer.engine import MegatronEngine
+
+    run_cfg = with_schedule(cfg, scfg, len(samples))
+    engine = MegatronEngine(run_cfg)
+    if start:
+        state = ckpt.load(engine.model, engine.optimizer)
+        engine.scheduler.load_state_dict(state["scheduler"])
+        log(f"[{name}] resuming SFT from its checkpoint at step {start}/{total}")
+    elif init is not None:
+        init(engine.model)
+    logger = MetricsLogger(stage_dir, name, total, start_step=start, headline=("loss", "lr"), use_wandb=sft.wandb,
+                           config=OmegaConf.to_container(run_cfg, resolve=True))
+    if dropped:
+        logger.print(f"[yellow]{name}: {dropped} of {len(rows)} rows longer than max_tokens={sft.max_tokens} were dropped")
+
+    def save(step: int, _metrics: dict) -> None:
+        if step % sft.save_every == 0 or step == total:
+            ckpt.save(step, engine.model, engine.optimizer, state={"scheduler": engine.scheduler.state_dict()})
+
+    res = train_sft(engine, samples, scfg, logger=logger, start_step=start, on_step=save,
+                    thd=cfg.platform.transformer_engine)
+    logger.close()
+    if is_rank0():
+        plot_curves(logger.rows(), ["loss", "lr"], stage_dir / f"{name}.png", f"{name}: SFT of {cfg.model.name}")
+    return {**summary, **_loss_summary(metrics), "seconds": res["seconds"], "tokens_per_s": res["tokens_per_s"]}
+
+
+def _loss_summary(path: Path) -> dict:
+    rows = broadcast([json.loads(x) for x in path.read_text().splitlines() if x.strip()] if is_rank0() and path.exists()
+                     else [])
+    if not rows:
+        return {}
+    return {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
+
+
+def checkpoint_loader(root: str | Path) -> Callable:
+    """init(chunks) loading the latest checkpoint under `root` (weights only)."""
+    from r1mega.checkpoint.manager import CheckpointManager
+
+    def load(chunks):
+        CheckpointManager(Path(root)).load(chunks)
+    load.label = str(root)
+    return load
+
+
+# -- sampling --------------------------------------------------------------------------------------------
+class PolicySampler:
+    """A frozen megatron model of `cfg.model` (this rank's shard) and a vLLM engine (CPU: on rank 0;
+    GPU: every rank's shard). `load(init)` loads weights into the model and syncs them into the engine;
+    `generate` runs on the engine rank and returns the outputs on every rank."""
+
+    def __init__(self, cfg: DictConfig, tok, work_dir: Path, launch):
+        from r1mega.recipes.r1_zero import _engine
+        from r1mega.rollout.sync import WeightSync
+        from r1mega.trainer.engine import MegatronEngine
+
+        self.cfg, self.tok = cfg, tok
+        self.model = MegatronEngine(cfg, trainable=False)
+        self.engine = _engine(cfg, tok, work_dir, launch)
+        self.sync = WeightSync(cfg.model, cfg.parallel, cfg.rollout)
+        self.loaded = None
+
+    def load(self, init: Callable, label: str) -> None:
+        init(self.model.model)
+        self.sync.sync(self.model.model, self.engine)
+        self.loaded = label
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+def evaluate_model(sampler: PolicySampler, rows: list[dict], template: str, e, seed: int, out_dir: Path) -> dict:
+    """pass@1 / cons@k / pass@k / format / tokens per data source of the loaded model; saved under
+    `out_dir` (results.json/.md, samples.jsonl) and reused when it exists."""
+    from r1mega.eval import report
+    from r1mega.eval.runner import evaluate
+
+    cached = out_dir / "results.json"
+    if cached.exists():
+        return json.loads(cached.read_text())["metrics"]
+    metrics = None
+    if sampler.engine is not None:
+        result = evaluate(sampler.engine, sampler.tok, rows, template, k=e.k, temperature=e.temperature, top_p=e.top_p,
+                          max_tokens=e.max_tokens, seed=seed, max_model_len=sampler.cfg.rollout.max_model_len)
+        result.settings["model"] = sampler.loaded
+        report.save(result, out_dir)
+        metrics = result.metrics
+    return broadcast(metrics)
+
+
+def print_eval_table(title: str, entries: list[tuple[str, dict]], k: int, out_dir: Path) -> str:
+    """One line per (model, benchmark); also written to `out_dir/eval_table.md` and `.json`."""
+    cols = [("problems", "{}"), ("pass@1", "{:.3f}"), (f"cons@{k}", "{:.3f}"), (f"pass@{k}", "{:.3f}"),
+            ("format", "{:.3f}"), ("mean_tokens", "{:.1f}"), ("truncated", "{:.3f}")]
+    header = ["model", "benchmark", *(c for c, _ in cols)]
+    lines = []
+    for label, metrics in entries:
+        for bench, m in metrics.items():
+            lines.append([label, bench, *("-" if m.get(c) is None else f.format(m[c]) for c, f in cols)])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    text = "\n".join([title, fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+    if is_rank0():
+        print("\n" + text, flush=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        md = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+              *("| " + " | ".join(line) + " |" for line in lines)]
+        (out_dir / "eval_table.md").write_text("\n".join(md) + "\n")
+        (out_dir / "eval_table.json").write_text(json.dumps({label: m for label, m in entries}, indent=2))
+    return text
+
+
+# -- rejection sampling -------------------------------------------------------------------------------
+def rejection_sample(sampler: PolicySampler, rows: list[dict], template: str, rej, reward_cfg, out_path: Path,
+                     source: str, step: Optional[int]) -> dict:
+    """`r1mega.data.rejection.rejection_sample` on the engine rank (rows too long for the engine are
+    skipped and counted); writes `out_path` (+ `rejected.jsonl` beside it); counts shared with all."""
+    from r1mega.data.rejection import RejectionConfig, rejection_sample as sample
+
+    counts = None
+    if sampler.engine is not None:
+        rcfg = OmegaConf.to_object(rej) if OmegaConf.is_config(rej) else rej
+        assert isinstance(rcfg, RejectionConfig)
+        counts = sample(sampler.engine, sampler.tok, rows, template, reward_cfg, rcfg, out_path, source=source,
+                        step=step, rejected_path=out_path.with_name("rejected.jsonl"),
+                        max_model_len=sampler.cfg.rollout.max_model_len)
+    barrier()
+    return broadcast(counts)
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    return broadcast(read_jsonl(path) if is_rank0() else None)
+
+
+def selected_stage(cfg) -> Optional[str]:
+    """`recipe.stage`, or a top-level `+stage=` (the root schema has no `stage` field)."""
+    return cfg.get("stage") or cfg.recipe.stage
+
+
+def fail(msg: str) -> None:
+    """One line on stderr and exit status 2, like a config error."""
+    print(f"r1mega: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
