@@ -127,13 +127,13 @@ def convert(direction: str, src: str, dst: str, overrides: list[str]) -> dict:
                         shutil.copyfile(Path(src) / f, assets / f)
         else:
             load_model(chunks, src)
-            stream = iter_hf_tensors(chunks, cfg.model)
+            stream = iter_hf_tensors(chunks, cfg.model, dst=0)  # only the writer receives the model
             if rank0:
                 for _, size in hf_io.write_hf(dst, stream, hf_config(cfg.model), src_dir=Path(src) / HF_ASSETS):
                     tensors, nbytes = tensors + 1, nbytes + size
                     bar.advance(task)
             else:
-                for _ in stream:  # collective: every rank takes part in the gathers
+                for _ in stream:  # collective: every rank takes part in the gathers / sends
                     pass
     summary = dict(
         tensors=tensors, bytes=nbytes, seconds=time.perf_counter() - start, peak_rss_mib=_peak_rss_mib(), **import_memory

@@ -87,6 +87,11 @@ def _import_and_check(overrides: list[str], parallel: str, hf_dir: str, export_d
         for name, t in iter_hf_tensors(engine.model, cfg.model):
             exported.add(name)
             identical &= torch.equal(t, reader(name))
+        # dst=0 (the export writer): rank 0 gets every tensor, the other ranks none.
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        to_dst = list(iter_hf_tensors(engine.model, cfg.model, dst=0))
+        identical &= {n for n, _ in to_dst} == names
+        identical &= all(torch.equal(t, reader(n)) if rank0 else t is None for n, t in to_dst)
     if export_dir:
         for _ in hf_io.write_hf(export_dir, iter_hf_tensors(engine.model, cfg.model), hf_config(cfg.model), max_shard_bytes=4 << 20):
             pass

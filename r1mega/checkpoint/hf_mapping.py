@@ -8,12 +8,15 @@ Public API (used by the checkpoint converter and by the rollout weight sync):
         it, `ep_rank` the expert-parallel rank holding it (None for non-expert tensors, which every
         EP rank holds). Pure: no communication, no model needed; the same on every rank.
 
-    iter_hf_tensors(chunks, model_cfg) -> Iterator[tuple[str, torch.Tensor]]
+    iter_hf_tensors(chunks, model_cfg, dst=None) -> Iterator[tuple[str, torch.Tensor | None]]
         Collective over the whole world: every rank must call it and consume it to the end.
         Yields (hf_name, full tensor) for the whole model in `export_plan` order, on every rank:
         TP shards gathered with fused layouts undone (QKV per query group, [gate; up]), experts
         gathered across EP, layers broadcast from their PP stage. `chunks` is this rank's list of
         model chunks (DDP-wrapped or not). Tensors are in the model's params dtype, on CPU.
+        `dst=r` (export writer, an engine-holding rank): only global rank r gets the tensors; a
+        tensor r does not hold is sent to it by one holder instead of broadcast to the world, and
+        every other rank yields (hf_name, None) (TP groups holding a tensor still gather it).
 
     load_hf_tensors(chunks, model_cfg, read) -> int
         Fill this rank's parameters (and the router expert bias) from HF tensors; `read(hf_name)`
@@ -308,7 +311,7 @@ def load_hf_tensors(chunks, model_cfg, read: Callable[[str], torch.Tensor]) -> i
     return n
 
 
-def iter_hf_tensors(chunks, model_cfg) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(chunks, model_cfg, dst: int | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
     from megatron.core import parallel_state as ps
 
     m = model_cfg
@@ -316,30 +319,43 @@ def iter_hf_tensors(chunks, model_cfg) -> Iterator[tuple[str, torch.Tensor]]:
     local = _local_tensors(chunks, m)
     stages = _layer_stages(config)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    # Global rank of the first holder of each (pp stage, ep rank): the broadcast source.
+    me_rank = dist.get_rank() if dist.is_initialized() else 0
+    # Global rank of the first holder of each (pp stage, ep rank): the broadcast / send source.
     me = (ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank())
     coords = [me] * world
     if world > 1:
         dist.all_gather_object(coords, me)
     for item in _items(m):
         stage, ep = _owner(item, stages, config)
-        held_everywhere = config.pipeline_model_parallel_size == 1 and (ep is None or config.expert_model_parallel_size == 1)
+        holders = [r for r, (p, e) in enumerate(coords) if p == stage and (ep is None or e == ep)]
         full = None
         if item in local:
             shard = local[item].detach()
             _, size, group = _tp(item)
             shards = [shard]
-            if item.rule.tp is not None and size > 1:
+            # With `dst`, only the TP group of `dst` (if it holds the tensor) or else of the sender gathers.
+            gatherer = dst if dst in holders else holders[0]
+            needed = dst is None or size == 1 or gatherer in dist.get_process_group_ranks(group)
+            if item.rule.tp is not None and size > 1 and needed:
                 shards = [torch.empty_like(shard) for _ in range(size)]
                 dist.all_gather(shards, shard.contiguous(), group=group)
             full = _unshard(shards, item.rule)
-        if not held_everywhere:
-            src = next(r for r, (p, e) in enumerate(coords) if p == stage and (ep is None or e == ep))
-            if full is None:
+        if dst is None:
+            if len(holders) < world:
+                if full is None:
+                    full = torch.empty(item.mcore_shape(m), dtype=item.dtype(m))
+                full = full.contiguous()
+                dist.broadcast(full, holders[0])
+        elif dst not in holders:  # the first holder sends it to `dst`; nobody else moves it
+            if me_rank == holders[0]:
+                dist.send(full.contiguous(), dst)
+            elif me_rank == dst:
                 full = torch.empty(item.mcore_shape(m), dtype=item.dtype(m))
-            full = full.contiguous()
-            dist.broadcast(full, src)
-        yield from zip(item.hf_names(), LAYOUTS[item.rule.layout].to_hf(full, m))
+                dist.recv(full, holders[0])
+        if dst is not None and me_rank != dst:
+            yield from ((name, None) for name in item.hf_names())
+        else:
+            yield from zip(item.hf_names(), LAYOUTS[item.rule.layout].to_hf(full, m))
 
 
 # ---- HF config ----------------------------------------------------------------------------------
