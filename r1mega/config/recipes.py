@@ -44,6 +44,19 @@ class ColdStartConfig:
 
 
 @dataclass
+class RewardModelTermConfig:
+    """A reward-model term next to the rule rewards (`r1mega.rewards.reward_model.RewardModelScorer`,
+    scored in the GRPO step on every rank). It scores the policy's token ids: same tokenizer."""
+
+    checkpoint: Optional[str] = None  # a CheckpointManager root (latest) or a step_<N> dir; None: no term
+    model: Optional[str] = None  # conf/model preset of the reward model; None: the policy's architecture
+    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+    sources: Optional[List[str]] = None  # data sources it applies to (e.g. general data); None: all
+    max_tokens: int = 4096  # tokens per packed scoring microbatch
+
+
+@dataclass
 class RLStageConfig:
     """A GRPO stage (`r1mega.recipes.r1_zero.rl_stage`). `algorithm`, `optim`, `reward` are merged
     onto the run's top-level groups for this stage only."""
@@ -65,9 +78,7 @@ class RLStageConfig:
     algorithm: Dict[str, Any] = field(default_factory=dict)
     optim: Dict[str, Any] = field(default_factory=dict)
     reward: Dict[str, Any] = field(default_factory=dict)
-    # All-scenario RL: a reward-model checkpoint to add as a reward term. Not wired into GRPO yet
-    # (README, "R1 and distillation recipes"): setting it is an error rather than a silent no-op.
-    reward_model: Optional[str] = None
+    reward_model: RewardModelTermConfig = field(default_factory=RewardModelTermConfig)  # all-scenario RL
 
 
 @dataclass
@@ -149,4 +160,4 @@ def register_recipe_configs() -> None:
 register_recipe_configs()
 
 __all__: List[str] = ["ColdStartConfig", "DistillRecipeConfig", "MixConfig", "R1RecipeConfig", "RLStageConfig",
-                      "RejectionSFTConfig", "SFTStageConfig", "TeacherConfig"]
+                      "RejectionSFTConfig", "RewardModelTermConfig", "SFTStageConfig", "TeacherConfig"]

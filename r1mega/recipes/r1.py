@@ -8,8 +8,8 @@
 3. `rejection_sft`: rejection sampling on the RL checkpoint (k per prompt, rule-accepted, readability
    filters, dedupe, <= m per prompt, JSONL with provenance) mixed with a non-reasoning source by
    ratio, then SFT of the BASE model on the mix (2 epochs in the paper).
-4. `rl_all`: GRPO from stage 3's checkpoint with the rule rewards (the reward-model term is not
-   wired into GRPO yet: README, "R1 and distillation recipes").
+4. `rl_all`: GRPO from stage 3's checkpoint with the rule rewards, plus a reward-model term when
+   `recipe.rl_all.reward_model.checkpoint` names one (scored in the GRPO step next to the rules).
 
 Each stage writes under `run_dir/<stage>/` and records its outputs (paths) and summary in
 `run_dir/manifest.json` when it finishes. A restart skips finished stages and resumes the
@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from r1mega.data.prompts import load_rows
 from r1mega.parallel.state import destroy_distributed, init_distributed, seed_everything
@@ -49,10 +49,6 @@ def run(cfg) -> dict:
 def _plan(cfg, run_dir: Path) -> list[str]:
     """The stages to run; errors (before anything is built) for an unknown stage, a stage whose
     predecessors have not finished in `run_dir`, or an option that is not wired."""
-    r = cfg.recipe
-    if r.rl_all.reward_model or r.rl_reasoning.reward_model:
-        S.fail("recipe.rl_*.reward_model: the reward-model term is not wired into GRPO yet "
-               "(README, 'R1 and distillation recipes'); leave it null")
     stage = S.selected_stage(cfg)
     if stage is None:
         return list(STAGES)
@@ -112,11 +108,27 @@ def _rl(cfg, base: Base, stage: str, init_from: str, manifest, stage_dir: Path, 
     scfg = S.stage_cfg(cfg, stage, stage_dir, recipe=S.rl_recipe(st), algorithm=st.algorithm, optim=st.optim,
                        reward=st.reward)
     start = Base(cfg.model, tokenizer_dir=base.tokenizer_dir, checkpoint=Path(manifest.outputs(init_from)["checkpoint"]))
-    res = rl_stage(scfg, start, stage_dir, launch)
+    rm = _reward_model(scfg, st.reward_model)
+    res = rl_stage(scfg, start, stage_dir, launch, reward_model=rm)
     b, a = res["before"], res["after"]
-    line = (f"GRPO {st.steps} steps from {init_from}: held-out accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
+    terms = "rule rewards" + (f" + reward model ({st.reward_model.checkpoint}, weight {rm.weight})" if rm else "")
+    line = (f"GRPO {st.steps} steps from {init_from} with {terms}: held-out accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
             f"format {b['format_rate']:.3f} -> {a['format_rate']:.3f}, tokens {b['mean_tokens']:.1f} -> {a['mean_tokens']:.1f}")
     return {"checkpoint": stage_dir / "ckpt", "metrics": stage_dir / f"{stage}_metrics.jsonl"}, {**res, "line": line}
+
+
+def _reward_model(scfg, t):
+    """The reward-model scorer of an RL stage, or None without `reward_model.checkpoint`."""
+    if not t.checkpoint:
+        return None
+    from r1mega.rewards.reward_model import RewardModelScorer
+
+    model = S.preset("model", t.model, t.model_overrides) if t.model else OmegaConf.merge(scfg.model, t.model_overrides)
+    rm_cfg = S.stage_cfg(scfg, "reward_model", Path(scfg.run_dir))
+    with open_dict(rm_cfg):
+        rm_cfg.model = model
+    return RewardModelScorer(rm_cfg, t.checkpoint, max_tokens=t.max_tokens, weight=t.weight,
+                             sources=list(t.sources) if t.sources is not None else None)
 
 
 def rl_reasoning(cfg, base, tok, manifest, stage_dir, launch):

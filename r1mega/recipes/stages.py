@@ -148,7 +148,7 @@ def cold_start_rows(arith, n: int, seed: int) -> list[dict]:
         a, b = pairs[rng.randrange(len(pairs))]
         rows.append({"id": f"cold-{i}-{a}+{b}", "problem": arithmetic.problem_text(a, b), "answer": str(a + b),
                      "data_source": arithmetic.SOURCE, "reasoning": arithmetic.reasoning(a, b),
-                     "summary": f"The answer is \\boxed{{{a + b}}}."})
+                     "summary": f"\\boxed{{{a + b}}}"})
     return rows
 
 
