@@ -30,12 +30,12 @@ def engine_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def plan_buckets(plan: list[PlanEntry], bucket_bytes: int, dtype: torch.dtype) -> list[list[PlanEntry]]:
+def plan_buckets(plan: list[PlanEntry], bucket_bytes: int, dtypes: dict[str, torch.dtype]) -> list[list[PlanEntry]]:
     """Consecutive plan entries grouped so each group holds ≤ bucket_bytes (or one larger tensor)."""
     buckets: list[list[PlanEntry]] = [[]]
     size = 0
     for e in plan:
-        nbytes = _nbytes(e, dtype)
+        nbytes = _nbytes(e, dtypes)
         if buckets[-1] and size + nbytes > bucket_bytes:
             buckets.append([])
             size = 0
@@ -44,13 +44,15 @@ def plan_buckets(plan: list[PlanEntry], bucket_bytes: int, dtype: torch.dtype) -
     return [b for b in buckets if b]
 
 
-def _target_dtype(e: PlanEntry, dtype: torch.dtype) -> torch.dtype:
-    # Tensors megatron keeps in fp32 whatever the params dtype (the router's expert bias) stay fp32.
-    return torch.float32 if e.dtype == torch.float32 else dtype
+def target_dtypes(model_cfg, plan: list[PlanEntry], dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """HF name → dtype sent to the engine: `dtype`, except tensors megatron keeps in fp32 whatever the
+    params dtype (the router's expert bias), which stay fp32."""
+    kept = {n for item in hf_mapping._items(model_cfg) if item.rule.fp32 for n in item.hf_names()}
+    return {e.hf_name: torch.float32 if e.hf_name in kept else dtype for e in plan}
 
 
-def _nbytes(e: PlanEntry, dtype: torch.dtype) -> int:
-    return torch.Size(e.shape).numel() * _target_dtype(e, dtype).itemsize
+def _nbytes(e: PlanEntry, dtypes: dict[str, torch.dtype]) -> int:
+    return torch.Size(e.shape).numel() * dtypes[e.hf_name].itemsize
 
 
 class WeightSync:
@@ -61,16 +63,17 @@ class WeightSync:
         self.dtype = engine_dtype(rollout_cfg.dtype)
         self.bucket_bytes = bucket_bytes or int(rollout_cfg.sync_bucket_mb * 2**20)
         self.plan = export_plan(model_cfg, parallel_cfg)
-        self.buckets = plan_buckets(self.plan, self.bucket_bytes, self.dtype)
-        self.total_bytes = sum(_nbytes(e, self.dtype) for e in self.plan)
-        self.largest_bytes = max(_nbytes(e, self.dtype) for e in self.plan)
+        self.dtypes = target_dtypes(model_cfg, self.plan, self.dtype)
+        self.buckets = plan_buckets(self.plan, self.bucket_bytes, self.dtypes)
+        self.total_bytes = sum(_nbytes(e, self.dtypes) for e in self.plan)
+        self.largest_bytes = max(_nbytes(e, self.dtypes) for e in self.plan)
         # Staging for non-contiguous blocks: part of the slack the bound leaves next to the bucket.
         self.stage_bytes = max(1, min(self.bucket_bytes, self.largest_bytes) // 2)
 
     def iter_buckets(self, chunks) -> Iterator[Bucket]:
         """Collective: every rank must consume this to the end. The consumer should drop (or clear)
         each bucket before asking for the next."""
-        stream = _stream_hf_tensors(chunks, self.model_cfg, self.plan, self.dtype, self.stage_bytes)
+        stream = _stream_hf_tensors(chunks, self.model_cfg, self.dtypes, self.stage_bytes)
         for entries in self.buckets:
             bucket: Bucket = []
             for e in entries:
@@ -144,7 +147,7 @@ def _drain(buckets: Iterator[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
 # whole fused megatron tensors with all_gather, which needs several times the largest tensor.
 
 
-def _stream_hf_tensors(chunks, m, plan: list[PlanEntry], dtype: torch.dtype, stage_bytes: int):
+def _stream_hf_tensors(chunks, m, dtypes: dict[str, torch.dtype], stage_bytes: int):
     """Collective over the world, like `hf_mapping.iter_hf_tensors`: (HF name, full tensor in the
     engine dtype) in plan order on every rank. Holds nothing between tensors but one staging buffer."""
     from megatron.core import parallel_state as ps
@@ -160,14 +163,13 @@ def _stream_hf_tensors(chunks, m, plan: list[PlanEntry], dtype: torch.dtype, sta
     if world > 1:
         dist.all_gather_object(coords, me)
     stage = _Stage(stage_bytes, device)
-    dtypes = {e.hf_name: _target_dtype(e, dtype) for e in plan}
     for item in hm._items(m):
         owner, ep = hm._owner(item, stages, config)
         everywhere = config.pipeline_model_parallel_size == 1 and (ep is None or config.expert_model_parallel_size == 1)
         src = None if everywhere else next(r for r, (p, e) in enumerate(coords) if p == owner and (ep is None or e == ep))
         shard = local.get(item)
         tp_rank, tp_size, group = hm._tp(item) if shard is not None else (0, 1, None)
-        if shard is None or item.rule.tp is None:
+        if shard is None or item.rule.tp is None or tp_size == 1:  # nothing to gather
             tp_rank, tp_size, group = 0, 1, None
         for i, (name, shape) in enumerate(zip(item.hf_names(), item.hf_shapes(m))):
             mine = None if shard is None else _local_block(shard.detach(), item, i, tp_size, m)
