@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed import free_port
+
 SMALL = [
     "recipe=r1_zero", "recipe.pretrain.steps=10", "recipe.pretrain.num_docs=1000", "recipe.pretrain.tokenizer_docs=1000",
     "data.arithmetic.num_heldout=16", "recipe.prompts_per_step=4", "algorithm.group_size=4", "recipe.eval.k=2",
@@ -33,7 +35,7 @@ def _cmd(run_dir: Path, cache: Path, extra: list[str], nproc: int = 1) -> list[s
     args = [*SMALL, f"run_dir={run_dir}", f"recipe.cache_dir={cache}", *extra]
     if nproc == 1:
         return [sys.executable, "-m", "r1mega", *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=0",
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
             "-m", "r1mega", *args]
 
 

@@ -215,6 +215,7 @@ class RLRecipeConfig(RecipeConfig):
     save_every: int = 50
     keep_last: int = 2
     cache_dir: str = "runs/cache"
+    offload_reference: bool = False  # GPU: keep the reference model in host memory between uses
     wandb: bool = True
     deterministic: bool = True  # CPU: resumed runs reproduce the uninterrupted run's metrics
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -73,6 +73,9 @@ class GRPOTrainer:
         self.colocation = Colocation(engine, WeightSync(cfg.model, cfg.parallel, cfg.rollout))
         self.thd = cfg.platform.transformer_engine
         self.ref_step = 0  # the policy step the reference model holds
+        if ref is not None and cfg.recipe.offload_reference and cfg.platform.device != "cpu":
+            for c in ref.model:
+                c.to("cpu")
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
@@ -95,7 +98,8 @@ class GRPOTrainer:
         # 6. reference and old-policy log-probs (no grad), MoE load from the same pass
         with timer("ref"):
             if algo.kl_coef:
-                self._logprobs(self.ref, minibatches, "ref_logp")
+                with self._reference_on_device():
+                    self._logprobs(self.ref, minibatches, "ref_logp")
         with timer("old_logp"), record_expert_load(self.policy.model) as loads:
             self._logprobs(self.policy, minibatches, "old_logp")
 
@@ -217,6 +221,20 @@ class GRPOTrainer:
         )
         # megatron divides by num_tokens (1) and the microbatch count: `weight` restores the mini-batch mean
         return loss * batch["weight"], torch.tensor(1), {**metrics, "weight": batch["weight"].clone()}
+
+    @contextmanager
+    def _reference_on_device(self):
+        """With `recipe.offload_reference` the reference lives in host memory except while it runs."""
+        offload = self.cfg.recipe.offload_reference and self.cfg.platform.device != "cpu"
+        if offload:
+            for c in self.ref.model:
+                c.to(self.cfg.platform.device)
+        try:
+            yield
+        finally:
+            if offload:
+                for c in self.ref.model:
+                    c.to("cpu")
 
     def refresh_reference(self, step: int) -> None:
         with torch.no_grad():
