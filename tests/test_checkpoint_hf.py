@@ -236,3 +236,92 @@ def test_reader_reads_tp_slices_from_disk(tmp_path):
             if dim == 0:  # rows: only the slice is read (dim 1 reads every row, a block at a time)
                 assert r.bytes_read - before == w["w"].numel() * 2 // size, "read more than the slice"
         assert torch.equal(r.read_slice("b", 0, 1, 3), w["b"].chunk(3)[1])
+
+
+def _mtp_round_trip(overrides: list[str], parallel: str, out_dir: str) -> dict:
+    """Build a model with an MTP layer, export it (rank 0 writes), import the export into a second
+    model: every tensor equal; plus the local-spec name plan vs the built model's names."""
+    from megatron.core import parallel_state as ps
+
+    from r1mega.checkpoint import hf_io
+    from r1mega.checkpoint.hf_mapping import hf_config, iter_hf_tensors, load_hf_tensors, mcore_name_plan
+    from r1mega.config import compose
+    from r1mega.models.build import build_model
+    from r1mega.parallel.state import init_distributed
+
+    cfg = compose([*overrides, f"parallel={parallel}"])
+    init_distributed(cfg.parallel, cfg.platform)
+    a = build_model(cfg.model, cfg.parallel, cfg.platform)
+    stream = iter_hf_tensors([a], cfg.model, dst=0)
+    if torch.distributed.get_rank() == 0:
+        for _ in hf_io.write_hf(out_dir, stream, hf_config(cfg.model)):
+            pass
+    else:
+        for _ in stream:
+            pass
+    torch.distributed.barrier()
+    b = build_model(cfg.model, cfg.parallel, cfg.platform)  # other random weights
+    with hf_io.HFReader(out_dir) as reader:
+        load_hf_tensors([b], cfg.model, reader)
+        hf_names = set(reader.names())
+    tensors_b = dict(b.named_parameters()) | dict(b.named_buffers())
+    same = all(torch.equal(t, tensors_b[n]) for n, t in [*a.named_parameters(), *a.named_buffers()] if "expert_bias" in n or isinstance(t, torch.nn.Parameter))
+    names = {n for n, p in a.named_parameters()} | {n for n, _ in a.named_buffers() if n.endswith("expert_bias")}
+    plan = mcore_name_plan(cfg.model) if ps.get_pipeline_model_parallel_world_size() == 1 else None
+    return dict(same=same, names=names, plan=plan, hf_names=hf_names)
+
+
+def test_mtp_layer_mapping_round_trips():
+    import tempfile
+
+    overrides = [*MODELS["tiny_moe"], "model.mtp_num_layers=1"]
+    with tempfile.TemporaryDirectory() as d:
+        (r,) = run_distributed(_mtp_round_trip, 1, overrides, "single", d + "/one")
+        assert r["same"], "MTP model: export -> import changed a tensor"
+        plan_names = {n for n, _ in r["plan"]}
+        assert plan_names == r["names"], (plan_names ^ r["names"])
+        L = 4  # tiny_moe.num_layers: the MTP layer is HF layer 4
+        mtp = {n for n in r["hf_names"] if n.startswith(f"model.layers.{L}.")}
+        for name in ["enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "shared_head.head.weight",
+                     "embed_tokens.weight", "input_layernorm.weight", "self_attn.q_a_proj.weight", "mlp.gate.weight",
+                     "mlp.gate.e_score_correction_bias", "mlp.experts.7.down_proj.weight", "mlp.shared_experts.up_proj.weight"]:
+            assert f"model.layers.{L}.{name}" in mtp, name
+        results = run_distributed(_mtp_round_trip, 2, overrides, "pp2", d + "/pp2")  # MTP on the last stage
+        assert all(x["same"] for x in results), "MTP model at PP2: export -> import changed a tensor"
+        assert results[0]["hf_names"] == r["hf_names"]
+
+
+def test_transformer_engine_name_plan():
+    """TE spec names (cannot build a TE model on CPU): fused norms and grouped-GEMM experts."""
+    from r1mega.checkpoint.hf_mapping import mcore_name_plan
+    from r1mega.config import compose
+
+    moe = compose([*MODELS["tiny_moe"], "model.mtp_num_layers=1"]).model
+    local, te = dict(mcore_name_plan(moe)), dict(mcore_name_plan(moe, te=True))
+    assert sorted(local.values()) == sorted(te.values())  # same HF tensors, renamed megatron ones
+    expect = {
+        # MLA keeps its input TENorm; q/kv norms fused into the up-projections.
+        "decoder.layers.0.input_layernorm.weight": ("model.layers.0.input_layernorm.weight",),
+        "decoder.layers.1.self_attention.linear_q_up_proj.layer_norm_weight": ("model.layers.1.self_attn.q_a_layernorm.weight",),
+        "decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight": ("model.layers.1.self_attn.kv_a_layernorm.weight",),
+        # dense first layer: pre-MLP norm fused into fc1; MoE layers keep it.
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": ("model.layers.0.post_attention_layernorm.weight",),
+        "decoder.layers.1.pre_mlp_layernorm.weight": ("model.layers.1.post_attention_layernorm.weight",),
+        # grouped GEMM: one module, weight{e}.
+        "decoder.layers.2.mlp.experts.linear_fc1.weight5": ("model.layers.2.mlp.experts.5.gate_proj.weight", "model.layers.2.mlp.experts.5.up_proj.weight"),
+        "decoder.layers.3.mlp.experts.linear_fc2.weight0": ("model.layers.3.mlp.experts.0.down_proj.weight",),
+        "decoder.layers.1.mlp.shared_experts.linear_fc1.weight": ("model.layers.1.mlp.shared_experts.gate_proj.weight", "model.layers.1.mlp.shared_experts.up_proj.weight"),
+        # MTP layer (HF layer 4): its decoder layer takes the TE names too.
+        "mtp.layers.0.transformer_layer.mlp.experts.linear_fc1.weight7": ("model.layers.4.mlp.experts.7.gate_proj.weight", "model.layers.4.mlp.experts.7.up_proj.weight"),
+        "mtp.layers.0.eh_proj.weight": ("model.layers.4.eh_proj.weight",),
+        "mtp.layers.0.final_layernorm.weight": ("model.layers.4.shared_head.norm.weight",),
+    }
+    for name, hf in expect.items():
+        assert te.get(name) == hf, (name, te.get(name))
+    assert not any("local_experts" in n or "q_layernorm" in n or "kv_layernorm" in n for n in te)
+
+    dense = compose(MODELS["tiny_dense"]).model
+    te = dict(mcore_name_plan(dense, te=True))
+    assert te["decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"] == ("model.layers.2.input_layernorm.weight",)
+    assert te["decoder.layers.2.mlp.linear_fc1.layer_norm_weight"] == ("model.layers.2.post_attention_layernorm.weight",)
+    assert not any(n.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight")) for n in te)

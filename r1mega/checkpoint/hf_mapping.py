@@ -100,13 +100,52 @@ MOE_MLP = (
     Rule("mlp.shared_experts.linear_fc2.weight", ("mlp.shared_experts.down_proj.weight",), ("h s",), 1),
 )
 
+# DeepSeek-V3 multi-token prediction: HF layer `model.layers.{num_layers + k}` is megatron's
+# `mtp.layers.{k}`: these rules, plus a decoder layer (`transformer_layer.` + the layer rules).
+# eh_proj takes [enorm(embedding); hnorm(hidden)], in this order in both.
+MTP = (
+    Rule("enorm.weight", ("enorm.weight",), ("h",)),
+    Rule("hnorm.weight", ("hnorm.weight",), ("h",)),
+    Rule("eh_proj.weight", ("eh_proj.weight",), ("h h2",), 0),
+    Rule("final_layernorm.weight", ("shared_head.norm.weight",), ("h",)),
+)
+# HF stores the MTP layer's own embedding and output head; megatron's MTP uses the model's (on the
+# stage holding the MTP): exported as copies, imported from the MTP layer's names.
+MTP_SHARED = (
+    Rule("embedding.word_embeddings.weight", ("embed_tokens.weight",), ("V h",), 0),
+    Rule("output_layer.weight", ("shared_head.head.weight",), ("V h",), 0),
+)
+
+# Transformer Engine spec (megatron `get_gpt_layer_with_transformer_engine_spec`, 0.16.1): a norm
+# fused into the following linear is its `layer_norm_weight`; grouped-GEMM experts (TEGroupedMLP)
+# are one module per layer with `weight{e}` per local expert. (local name, TE name, when: "gqa" =
+# attention is not MLA (MLA keeps a separate input TENorm), "dense" = dense MLP (MoE keeps a
+# separate pre-MLP TENorm), "always").
+TE_NAMES = (
+    ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight", "gqa"),
+    ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight", "dense"),
+    ("self_attention.q_layernorm.weight", "self_attention.linear_q_up_proj.layer_norm_weight", "always"),
+    ("self_attention.kv_layernorm.weight", "self_attention.linear_kv_up_proj.layer_norm_weight", "always"),
+    ("mlp.experts.local_experts.{e}.linear_fc1.weight", "mlp.experts.linear_fc1.weight{e}", "always"),
+    ("mlp.experts.local_experts.{e}.linear_fc2.weight", "mlp.experts.linear_fc2.weight{e}", "always"),
+)
+
+
+def te_name(mcore: str, m, layer: int) -> str:
+    """The Transformer Engine spec's name of layer rule `mcore` (unformatted) in global `layer`."""
+    dense = not (m.num_experts and layer >= m.first_k_dense_layers)
+    for local, te, when in TE_NAMES:
+        if mcore == local and (when == "always" or (when == "gqa" and not m.multi_latent_attention) or (when == "dense" and dense)):
+            return te
+    return mcore
+
 
 def _dims(m) -> dict[str, int]:
     heads = m.num_attention_heads
     head_dim = m.kv_channels or m.hidden_size // heads
     qk, rope = m.qk_head_dim, m.qk_pos_emb_head_dim
     return dict(
-        h=m.hidden_size, V=m.vocab_size, F=m.ffn_hidden_size,
+        h=m.hidden_size, h2=2 * m.hidden_size, V=m.vocab_size, F=m.ffn_hidden_size,
         Q=heads * head_dim, K=(m.num_query_groups or heads) * head_dim,
         qa=m.q_lora_rank or 0, qb=heads * (qk + rope), kvl=m.kv_lora_rank, kva=m.kv_lora_rank + rope,
         kvb=heads * (qk + m.v_head_dim), o=heads * m.v_head_dim,
@@ -203,6 +242,36 @@ def _items(m) -> Iterator[Item]:
         yield Item(rule, None, None)
     if m.untie_embeddings_and_output_weights:
         yield Item(UNTIED_OUTPUT, None, None)
+    for layer in range(m.num_layers, m.num_layers + (m.mtp_num_layers or 0)):
+        yield Item(MTP_SHARED[0], layer, None)
+        for rule in MTP[:3] + _layer_rules(m, layer) + MTP[3:] + MTP_SHARED[1:]:
+            for e in range(m.num_experts) if "{e}" in rule.mcore else [None]:
+                yield Item(rule, layer, e)
+
+
+def _mcore_name(item: Item, m, local_layer: int | None, local_expert: int | None, te: bool = False) -> str:
+    """Megatron name of `item` in a model chunk: `local_layer` is its index in `decoder.layers`
+    (or in `mtp.layers` for an MTP item), `local_expert` its index among this rank's experts."""
+    rule = item.rule
+    if item.layer is None or rule in MTP_SHARED:
+        if rule is MTP_SHARED[1] and not m.untie_embeddings_and_output_weights:
+            return "embedding.word_embeddings.weight"
+        return rule.mcore
+    if item.layer >= m.num_layers and rule in MTP:
+        return f"mtp.layers.{local_layer}." + rule.mcore
+    name = te_name(rule.mcore, m, item.layer) if te else rule.mcore
+    prefix = f"mtp.layers.{local_layer}.transformer_layer." if item.layer >= m.num_layers else f"decoder.layers.{local_layer}."
+    return prefix + name.format(e=local_expert)
+
+
+def mcore_name_plan(model_cfg, te: bool = False) -> list[tuple[str, tuple[str, ...]]]:
+    """(megatron name, HF names) of every exported tensor of the whole model as one pipeline stage
+    and one EP rank (global layer and expert numbers), for the local spec or Transformer Engine's."""
+    m = model_cfg
+    return [
+        (_mcore_name(item, m, None if item.layer is None else item.layer - (m.num_layers if item.layer >= m.num_layers else 0), item.expert, te), tuple(item.hf_names()))
+        for item in _items(m)
+    ]
 
 
 def _layer_stages(config) -> list[int]:
@@ -227,6 +296,8 @@ def _owner(item: Item, stages: list[int], config) -> tuple[int, int | None]:
         last = item.rule in TOP_LAST or item.rule is UNTIED_OUTPUT
         return (config.pipeline_model_parallel_size - 1 if last else 0), None
     ep = None if item.expert is None else item.expert // (config.num_moe_experts // config.expert_model_parallel_size)
+    if item.layer >= len(stages):  # MTP: megatron's default places it on the last stage
+        return config.pipeline_model_parallel_size - 1, ep
     return stages[item.layer], ep
 
 
@@ -247,7 +318,8 @@ def export_plan(model_cfg, parallel_cfg) -> list[PlanEntry]:
 
 
 def _local_tensors(chunks, m) -> dict[Item, torch.Tensor]:
-    """Every tensor this rank holds, by the item it belongs to."""
+    """Every tensor this rank holds, by the item it belongs to (local-spec or Transformer Engine
+    names, whichever the chunk has; a tensor HF stores twice, as MTP's embedding/head, is both)."""
     from megatron.core import parallel_state as ps
 
     ep_rank = ps.get_expert_model_parallel_rank()
@@ -258,16 +330,23 @@ def _local_tensors(chunks, m) -> dict[Item, torch.Tensor]:
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
         top = TOP_FIRST + TOP_LAST + (UNTIED_OUTPUT if m.untie_embeddings_and_output_weights else TIED_OUTPUT,)
         named = [(rule.mcore, Item(rule, None, None)) for rule in top]
-        for i, layer in enumerate(module.decoder.layers):
-            g = layer.layer_number - 1
-            for rule in _layer_rules(m, g):
+        layers = [(i, layer.layer_number - 1, ()) for i, layer in enumerate(module.decoder.layers)]
+        mtp = getattr(module, "mtp", None)
+        if mtp is not None:
+            first = m.num_layers + (mtp.layers[0].layer_number - 1 if len(mtp.layers) else 0)
+            layers += [(k, first + k, MTP + MTP_SHARED) for k in range(len(mtp.layers))]
+        for i, g, extra in layers:
+            for rule in _layer_rules(m, g) + extra:
                 for k in range(local_experts) if "{e}" in rule.mcore else [None]:
-                    expert = None if k is None else ep_rank * local_experts + k
-                    named.append((f"decoder.layers.{i}." + rule.mcore.format(e=k), Item(rule, g, expert)))
+                    item = Item(rule, g, None if k is None else ep_rank * local_experts + k)
+                    for te in (False, True):
+                        named.append((_mcore_name(item, m, i, k, te), item))
+        mapped = set()
         for name, item in named:
-            if name in tensors:
-                out[item] = tensors.pop(name)
-        unmapped = [n for n, t in tensors.items() if isinstance(t, torch.nn.Parameter)]
+            if name in tensors and item not in out:
+                out[item] = tensors[name]
+                mapped.add(name)
+        unmapped = [n for n, t in tensors.items() if isinstance(t, torch.nn.Parameter) and n not in mapped]
         if unmapped:
             raise KeyError(f"no HF mapping for megatron tensors {unmapped[:5]} (arch {m.arch})")
     return out
