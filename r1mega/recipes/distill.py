@@ -41,8 +41,7 @@ def run(cfg) -> dict:
     first = tcfg if todo[0] != "student" else cfg
     launch = init_distributed(first.parallel, first.platform)
     try:
-        with S.keep_trainer_world():
-            return run_stages(cfg, tcfg, run_dir, todo, launch)
+        return run_stages(cfg, tcfg, run_dir, todo, launch)
     finally:
         destroy_distributed()
 
@@ -53,17 +52,7 @@ def _plan(cfg, run_dir: Path) -> list[str]:
         S.fail("recipe.teacher: set checkpoint or hf_dir, not both")
     if cfg.recipe.template not in FORMAT:
         S.fail(f"recipe.template={cfg.recipe.template!r}: expected one of {', '.join(FORMAT)}")
-    stage = S.selected_stage(cfg)
-    if stage is None:
-        return list(STAGES)
-    if stage not in STAGES:
-        S.fail(f"recipe.stage={stage!r}: expected one of {', '.join(STAGES)}")
-    manifest = Manifest(run_dir)
-    missing = [s for s in STAGES[:STAGES.index(stage)] if not manifest.done(s)]
-    if missing:
-        S.fail(f"recipe.stage={stage} needs the output of stage(s) {', '.join(missing)}, not finished in {run_dir} "
-               f"(manifest: {manifest.path}); run `recipe=distill` without recipe.stage first")
-    return [stage]
+    return S.stages_to_run(cfg, run_dir, STAGES)
 
 
 def teacher_cfg(cfg):

@@ -40,8 +40,7 @@ def run(cfg) -> dict:
     launch = init_distributed(cfg.parallel, cfg.platform)
     seed_everything(cfg.platform.seed, on_cpu=cfg.platform.device == "cpu")
     try:
-        with S.keep_trainer_world():
-            return run_stages(cfg, run_dir, todo, launch)
+        return run_stages(cfg, run_dir, todo, launch)
     finally:
         destroy_distributed()
 
@@ -49,17 +48,7 @@ def run(cfg) -> dict:
 def _plan(cfg, run_dir: Path) -> list[str]:
     """The stages to run; errors (before anything is built) for an unknown stage, a stage whose
     predecessors have not finished in `run_dir`, or an option that is not wired."""
-    stage = S.selected_stage(cfg)
-    if stage is None:
-        return list(STAGES)
-    if stage not in STAGES:
-        S.fail(f"recipe.stage={stage!r}: expected one of {', '.join(STAGES)}")
-    manifest = Manifest(run_dir)
-    missing = [s for s in STAGES[:STAGES.index(stage)] if not manifest.done(s)]
-    if missing:
-        S.fail(f"recipe.stage={stage} needs the output of stage(s) {', '.join(missing)}, not finished in {run_dir} "
-               f"(manifest: {manifest.path}); run `recipe=r1` without recipe.stage (or those stages) first")
-    return [stage]
+    return S.stages_to_run(cfg, run_dir, STAGES)
 
 
 def run_stages(cfg, run_dir: Path, todo: list[str], launch) -> dict:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from r1mega.checkpoint.manager import CheckpointManager
 from r1mega.data.prompts import PromptSource, load_rows
-from r1mega.parallel.state import destroy_distributed, init_distributed, seed_everything
+from r1mega.parallel.state import broadcast_object, destroy_distributed, init_distributed, seed_everything
 from r1mega.recipes.base import Base, prepare_base
 from r1mega.trainer.metrics import MetricsLogger, is_rank0, plot_curves
 
@@ -116,7 +116,6 @@ def _evaluate(trainer, cfg, rows, out_dir: Path | None = None) -> dict:
     tables and per-sample records go to `out_dir`."""
     from r1mega.eval.report import save
     from r1mega.eval.runner import evaluate
-    from r1mega.trainer.grpo import _broadcast
 
     out = None
     if trainer.engine is not None:
@@ -131,7 +130,7 @@ def _evaluate(trainer, cfg, rows, out_dir: Path | None = None) -> dict:
                "format_rate": sum(s["format"] for s in flat) / max(len(flat), 1),
                "mean_tokens": sum(s["num_tokens"] for s in flat) / max(len(flat), 1),
                "problems": len(flat) // e.k, "k": e.k}
-    return _broadcast(out)
+    return broadcast_object(out)
 
 
 def _cached_eval(trainer, cfg, rows, path: Path) -> dict:

@@ -18,7 +18,6 @@ non-reasoning set (answers with an empty chain of thought, as the paper does for
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import random
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from r1mega.data import arithmetic
 from r1mega.data.jsonl import read_jsonl, write_jsonl
+from r1mega.parallel.state import broadcast_object
 from r1mega.trainer.metrics import MetricsLogger, is_rank0, plot_curves
 
 
@@ -48,41 +48,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast(obj):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def stages_to_run(cfg, run_dir: Path, stages: tuple[str, ...] | list[str]) -> list[str]:
+    """All of `stages`, or the one `recipe.stage` selects once its predecessors have finished in
+    `run_dir`; otherwise exit with one line naming the problem (before anything is built)."""
+    from r1mega.recipes.manifest import Manifest
 
-
-@contextlib.contextmanager
-def keep_trainer_world():
-    """vLLM's engine shutdown ends in `cleanup_dist_env_and_memory`, whose
-    `torch.distributed.destroy_process_group()` destroys the DEFAULT group: the trainer's world
-    (and with it every megatron group). A recipe starts several engines in one process (one per RL
-    stage, sampling, eval), so while it runs `VLLMEngine.shutdown` hides the trainer's default group
-    (vLLM then destroys only its own groups). The proper fix belongs in `VLLMEngine.shutdown`."""
-    from torch.distributed import distributed_c10d as c10d
-
-    from r1mega.rollout.vllm_engine import VLLMEngine
-
-    original = VLLMEngine.shutdown
-
-    def shutdown(self):
-        trainer_pg = c10d._world.default_pg if dist.is_initialized() else None
-        c10d._world.default_pg = None
-        try:
-            original(self)
-        finally:
-            if trainer_pg is not None:
-                c10d._world.default_pg = trainer_pg
-
-    VLLMEngine.shutdown = shutdown
-    try:
-        yield
-    finally:
-        VLLMEngine.shutdown = original
+    stage = selected_stage(cfg)
+    if stage is None:
+        return list(stages)
+    if stage not in stages:
+        fail(f"recipe.stage={stage!r}: expected one of {', '.join(stages)}")
+    manifest = Manifest(run_dir)
+    missing = [s for s in stages[:stages.index(stage)] if not manifest.done(s)]
+    if missing:
+        fail(f"recipe.stage={stage} needs the output of stage(s) {', '.join(missing)}, not finished in {run_dir} "
+             f"(manifest: {manifest.path}); run `recipe={cfg.recipe.name}` without recipe.stage first")
+    return [stage]
 
 
 # -- configs -------------------------------------------------------------------------------------------
@@ -224,7 +205,7 @@ def sft_stage(cfg: DictConfig, name: str, stage_dir: Path, init: Optional[Callab
 
 
 def _loss_summary(path: Path) -> dict:
-    rows = broadcast([json.loads(x) for x in path.read_text().splitlines() if x.strip()] if is_rank0() and path.exists()
+    rows = broadcast_object([json.loads(x) for x in path.read_text().splitlines() if x.strip()] if is_rank0() and path.exists()
                      else [])
     if not rows:
         return {}
@@ -285,7 +266,7 @@ def evaluate_model(sampler: PolicySampler, rows: list[dict], template: str, e, s
         result.settings["model"] = sampler.loaded
         report.save(result, out_dir)
         metrics = result.metrics
-    return broadcast(metrics)
+    return broadcast_object(metrics)
 
 
 def print_eval_table(title: str, entries: list[tuple[str, dict]], k: int, out_dir: Path) -> str:
@@ -325,11 +306,11 @@ def rejection_sample(sampler: PolicySampler, rows: list[dict], template: str, re
                         step=step, rejected_path=out_path.with_name("rejected.jsonl"),
                         max_model_len=sampler.cfg.rollout.max_model_len)
     barrier()
-    return broadcast(counts)
+    return broadcast_object(counts)
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    return broadcast(read_jsonl(path) if is_rank0() else None)
+    return broadcast_object(read_jsonl(path) if is_rank0() else None)
 
 
 def selected_stage(cfg) -> Optional[str]:

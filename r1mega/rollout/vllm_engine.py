@@ -115,7 +115,10 @@ class VLLMEngine(RolloutEngine):
     def shutdown(self) -> None:
         llm, self.llm = self.llm, None
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+            # vLLM's cleanup ends in destroy_process_group() of the DEFAULT group: with the trainer's
+            # hidden it destroys only its own groups, and the trainer (and a later engine) carry on.
+            with _private_world() if self.on_cpu else contextlib.nullcontext():
+                llm.llm_engine.engine_core.shutdown()
             del llm
 
 

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from r1mega.algorithms import GRPOConfig, group_advantages, grpo_loss, vocab_parallel_logprobs, zero_variance_groups
 from r1mega.data.packing import Packed, pack, segments_to_padded
 from r1mega.models.moe_load import load_balance, record_expert_load
+from r1mega.parallel.state import broadcast_object
 from r1mega.rewards import RewardManager
 from r1mega.rollout.colocate import Colocation
 from r1mega.rollout.engine import RequestOutput
@@ -144,7 +145,7 @@ class GRPOTrainer:
                 max_tokens=self.max_response_tokens(step), seed=self.cfg.platform.seed + 7919 * step + 104729 * attempt,
             )
             payload = self._score(idx, outs)
-        samples = _broadcast(payload)
+        samples = broadcast_object(payload)
         if self.reward_model is not None:
             self._score_reward_model(samples)
         return samples
@@ -277,14 +278,6 @@ def _split(samples: list[Sample], parts: int, group_size: int) -> list[list[Samp
     groups = [samples[i:i + group_size] for i in range(0, len(samples), group_size)]
     parts = max(1, min(parts, len(groups)))
     return [[s for g in groups[k::parts] for s in g] for k in range(parts)]
-
-
-def _broadcast(obj):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _sum_over_ranks(loads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
