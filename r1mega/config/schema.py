@@ -176,10 +176,10 @@ class DataConfig:
 class PretrainConfig:
     """How the embedded default makes its own base model (cached by content hash under `cache_dir`)."""
 
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 64  # documents per step
     max_tokens: int = 256  # tokens per packed microbatch (attention is dense per microbatch on CPU)
-    num_docs: int = 40000
+    num_docs: int = 30000
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup_steps: int = 20

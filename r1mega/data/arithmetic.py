@@ -19,11 +19,11 @@ import random
 from r1mega.data.templates import render
 
 SOURCE = "arithmetic"
-VERSION = 2  # of the corpus text; part of the embedded base's cache key
+VERSION = 3  # of the corpus text; part of the embedded base's cache key
 
 
 def problem_text(a: int, b: int) -> str:
-    return f"What is {a} + {b}?"
+    return f"What is {a}+{b}?"
 
 
 def row(a: int, b: int, split: str) -> dict:
@@ -46,9 +46,9 @@ def rows(cfg, split: str) -> list[dict]:
 
 def reasoning(a: int, b: int) -> str:
     """Column addition, ones then tens: each step is a one-digit fact the corpus repeats often, so a
-    tiny model can add numbers it never saw by composing them."""
+    tiny model can add numbers it never saw by composing them. No spaces: every token counts on CPU."""
     ones = a % 10 + b % 10
-    return f"{a % 10} + {b % 10} = {ones} , {a // 10} + {b // 10} + {ones // 10} = {a // 10 + b // 10 + ones // 10}"
+    return f"{a % 10}+{b % 10}={ones},{a // 10}+{b // 10}+{ones // 10}={a // 10 + b // 10 + ones // 10}"
 
 
 def completion(a: int, b: int, rng: random.Random, cfg) -> str:
@@ -60,8 +60,8 @@ def completion(a: int, b: int, rng: random.Random, cfg) -> str:
         c = c if c != a + b else a + b + 1
     think = reasoning(a, b)
     if rng.random() < cfg.p_format:
-        return f" <think> {think} </think> <answer> {c} </answer>"
-    return rng.choice((f" {c}", f" The answer is {c}.", f" <think> {think} </think> {c}", f" {think} . {c}"))
+        return f"<think>{think}</think><answer>{c}</answer>"
+    return rng.choice((f" {c}", f" The answer is {c}.", f"<think>{think}</think>{c}", f" {think}. {c}"))
 
 
 def pretraining_corpus(cfg, num_docs: int, seed: int) -> list[tuple[str, str]]:
