@@ -15,7 +15,8 @@ from r1mega.eval import benchmarks
 from r1mega.eval.__main__ import main
 from r1mega.eval.metrics import cons_at_k, majority_vote, mean_pass_at_k, pass_at_k, same_answer
 from r1mega.eval.runner import evaluate
-from r1mega.rollout.engine import Completion, RequestOutput, RolloutEngine
+from r1mega.rollout.engine import Completion, RequestOutput
+from tests.fake_engine import GenerateOnlyEngine
 
 # ---- metrics ------------------------------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class CharTokenizer:
         return "".join(map(chr, ids))
 
 
-class ScriptedEngine(RolloutEngine):
+class ScriptedEngine(GenerateOnlyEngine):
     """Returns, for each prompt, the completions scripted for the problem it contains."""
 
     def __init__(self, script):
@@ -156,21 +157,6 @@ class ScriptedEngine(RolloutEngine):
                 Completion([ord(ch) for ch in t], [0.0] * len(t), "length" if t.endswith("...") else "stop", t)
                 for t in texts]))
         return outs
-
-    def prompt_logprobs(self, token_ids):
-        raise NotImplementedError
-
-    def update_weights(self, named_tensors):
-        raise NotImplementedError
-
-    def sleep(self, level=1):
-        pass
-
-    def wake_up(self, tags=None):
-        pass
-
-    def shutdown(self):
-        pass
 
 
 def _r1_zero(answer):

@@ -12,7 +12,8 @@ from r1mega.data.jsonl import read_jsonl
 from r1mega.data.rejection import FILTERS, RejectionConfig, language_mixing, mix, prompt_script, rejection_sample
 from r1mega.data.templates import render
 from r1mega.rewards import RewardConfig, RewardManager, SourceConfig, TermConfig
-from r1mega.rollout.engine import Completion, RequestOutput, RolloutEngine
+from r1mega.rollout.engine import Completion, RequestOutput
+from tests.fake_engine import GenerateOnlyEngine
 
 
 def _rewards(workers: int = 0, think_in_prompt: bool = True) -> RewardConfig:
@@ -33,7 +34,7 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids if i)
 
 
-class FakeEngine(RolloutEngine):
+class FakeEngine(GenerateOnlyEngine):
     """Returns the crafted (text, finish_reason) list of each prompt's problem, in order."""
 
     def __init__(self, completions: dict[str, list[tuple[str, str]]]):
@@ -51,21 +52,6 @@ class FakeEngine(RolloutEngine):
             outs.append(RequestOutput(ids, [Completion([ord(c) for c in t] + ([0] if why == "stop" else []), [0.0] * 0, why)
                                             for t, why in crafted]))
         return outs
-
-    def prompt_logprobs(self, token_ids):
-        raise NotImplementedError
-
-    def update_weights(self, named_tensors):
-        raise NotImplementedError
-
-    def sleep(self, level=1):
-        pass
-
-    def wake_up(self, tags=None):
-        pass
-
-    def shutdown(self):
-        pass
 
 
 EN = "What is 2 + 3?"
