@@ -12,13 +12,11 @@ register_configs()
 import r1mega.config.recipes  # noqa: E402,F401  (registers recipe/r1_recipe_schema, recipe/distill_recipe_schema)
 
 
-def _register_group_schemas() -> None:
-    # Groups whose schemas live beside their code: the GRPO knobs and the reward terms.
+def register_group_schemas() -> None:
+    """Groups whose schemas live beside their code (the GRPO knobs, the reward terms); imported on
+    first composition, not with this package, so light tools (the planner) skip torch/megatron."""
     import r1mega.algorithms  # noqa: F401  (registers algorithm/grpo_schema)
     import r1mega.rewards  # noqa: F401  (registers reward/reward_schema)
-
-
-_register_group_schemas()
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config"):
@@ -26,6 +24,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    register_group_schemas()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))

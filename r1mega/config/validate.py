@@ -154,7 +154,7 @@ def _input_problems(cfg) -> list[str]:
     from r1mega.data.prompts import data_dir
 
     p = []
-    data = cfg.get("data")
+    data = getattr(cfg, "data", None)
     if data is not None and data.source not in ("arithmetic", "jsonl"):
         p.append(f"data.source={data.source!r} is not one of arithmetic, jsonl.")
     if data is not None and data.source == "jsonl":
@@ -163,7 +163,7 @@ def _input_problems(cfg) -> list[str]:
             path = None if name is None else (Path(name) if Path(name).is_absolute() else data_dir(data) / name)
             if path is None or not path.is_file():
                 p.append(f"data.{key}={name!r} is not a file (looked in {path or data_dir(data)}).")
-    base = cfg.recipe.get("base", "embedded")
+    base = getattr(getattr(cfg, "recipe", None), "base", "embedded")  # the planner's config has no recipe
     if base != "embedded" and not (Path(base) / "config.json").is_file():
         p.append(f"recipe.base={base!r} is not a Hugging Face model directory (no config.json there).")
     return p
