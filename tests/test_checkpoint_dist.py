@@ -80,8 +80,8 @@ def _load_back(dirs: list[str]) -> list[dict]:
     from r1mega.checkpoint.manager import CheckpointManager
 
     out = []
+    cfg, engine = _engine("single")
     for d in dirs:
-        cfg, engine = _engine("single") if not out else (cfg, engine)
         state = CheckpointManager(d).load(engine.model, engine.optimizer)
         loaded, steps = _params(engine), _adam_steps(engine)
         _train(engine, cfg)

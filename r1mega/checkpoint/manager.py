@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from r1mega.checkpoint.distributed import load_model_state, model_sharded_state_dict
+from r1mega.parallel.state import barrier, broadcast_object
 
 # Reshardable over TP/PP/EP as well as DP (the default `dp_reshardable` is DP-only, and the format
 # megatron picks otherwise fails: `ShardedTensor.flattened_range is not supported`).
@@ -29,11 +30,6 @@ STATE_FILE = "trainer_state.json"
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _fsync(path: Path) -> None:
@@ -170,16 +166,13 @@ class CheckpointManager:
         final = self.path(step)
         if _rank() == 0 and self.root.exists():
             self.clean_leftovers(saving=step)
-        _barrier()
+        barrier()
         if final.exists():
             raise FileExistsError(f"{final} exists")
-        name = [f"tmp-{step}-{os.getpid()}"]  # rank 0's pid names the directory for every rank
-        if dist.is_initialized():
-            dist.broadcast_object_list(name, src=0)
-        tmp = self.root / name[0]
+        tmp = self.root / broadcast_object(f"tmp-{step}-{os.getpid()}")  # rank 0's pid names it for every rank
         if _rank() == 0:
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         if optimizer is not None:
             init_optimizer_state(optimizer)  # a save before the first step
         dist_checkpointing.save(_sharded_state_dict(chunks, optimizer, is_loading=False), str(tmp))
@@ -188,7 +181,7 @@ class CheckpointManager:
         if _rank() == 0:
             # `step` wins over a stale one in `state` (e.g. the state returned by the last load).
             (tmp / STATE_FILE).write_text(json.dumps({**(state or {}), "step": step}))
-        _barrier()
+        barrier()
         if _rank() == 0:
             _fsync_tree(tmp)
             os.rename(tmp, final)
@@ -198,7 +191,7 @@ class CheckpointManager:
             os.replace(pointer, self.root / "latest")
             _fsync(self.root)
             self._prune()
-        _barrier()
+        barrier()
         return final
 
     def _prune(self) -> None:

@@ -42,11 +42,11 @@ def launch_from_env(env: dict[str, str] | None = None) -> Launch:
     port = env.get("MASTER_PORT")
     if port is None:
         # A lone process picks a free port, so two single-process jobs on one machine do not collide.
-        port = _free_port() if world == 1 else 29500
+        port = free_port() if world == 1 else 29500
     return Launch(rank, local, world, addr, int(port))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -107,3 +107,13 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """A barrier over every rank (a no-op in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()

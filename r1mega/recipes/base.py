@@ -15,13 +15,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from r1mega.checkpoint.manager import CheckpointManager
 from r1mega.data import arithmetic
 from r1mega.data.tokenizer import load_tokenizer, train_tokenizer
-from r1mega.trainer.metrics import MetricsLogger, is_rank0, plot_curves
+from r1mega.parallel.state import barrier, is_rank0
+from r1mega.trainer.metrics import MetricsLogger, plot_curves
 from r1mega.trainer.sft import SFTConfig, sft_sample, sft_step, step_batches
 
 
@@ -65,12 +65,12 @@ def embedded_base(cfg) -> Base:
     if is_rank0():
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-    _barrier()
+    barrier()
     _pretrain(cfg, work)
     if is_rank0():
         (work / "DONE").write_text("complete\n")
         os.rename(work, root)
-    _barrier()
+    barrier()
     return base
 
 
@@ -82,7 +82,7 @@ def _pretrain(cfg, work: Path) -> None:
     if is_rank0():
         tok = train_tokenizer((a + b for a, b in docs[: p.tokenizer_docs]), cfg.model.vocab_size)
         tok.save_pretrained(work / "tokenizer")
-    _barrier()
+    barrier()
     tok = load_tokenizer(work / "tokenizer")
     prompts = tok([a for a, _ in docs], add_special_tokens=False)["input_ids"]
     responses = tok([b for _, b in docs], add_special_tokens=False)["input_ids"]
@@ -102,8 +102,3 @@ def _pretrain(cfg, work: Path) -> None:
     if is_rank0():
         plot_curves(log.rows(), ["loss", "lr"], work / "pretrain.png", f"pretraining {cfg.model.name}")
     CheckpointManager(work / "ckpt", keep_last=1).save(p.steps, engine.model)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

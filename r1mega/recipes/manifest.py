@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-import torch.distributed as dist
+from r1mega.parallel.state import barrier, is_rank0
 
 
 class Manifest:
@@ -27,10 +27,9 @@ class Manifest:
 
     def finish(self, stage: str, outputs: dict, summary: dict) -> None:
         self.stages[stage] = {"status": "done", "outputs": {k: str(v) for k, v in outputs.items()}, "summary": summary}
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_rank0():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
             tmp.write_text(json.dumps(self.stages, indent=2))
             os.replace(tmp, self.path)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()

@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 
 from r1mega.checkpoint.manager import CheckpointManager
 from r1mega.data.prompts import PromptSource, load_rows
-from r1mega.parallel.state import broadcast_object, destroy_distributed, init_distributed, seed_everything
+from r1mega.parallel.state import broadcast_object, destroy_distributed, init_distributed, is_rank0, seed_everything
 from r1mega.recipes.base import Base, prepare_base
-from r1mega.trainer.metrics import MetricsLogger, is_rank0, plot_curves
+from r1mega.trainer.metrics import MetricsLogger, plot_curves
 
 CURVES = ["reward/mean", "accuracy", "format_rate", "response_length/mean"]
 

@@ -25,13 +25,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from r1mega.data import arithmetic
 from r1mega.data.jsonl import read_jsonl, write_jsonl
-from r1mega.parallel.state import broadcast_object
-from r1mega.trainer.metrics import MetricsLogger, is_rank0, plot_curves
+from r1mega.parallel.state import barrier, broadcast_object, is_rank0
+from r1mega.trainer.metrics import MetricsLogger, plot_curves
 
 
 class StageError(RuntimeError):
@@ -41,11 +40,6 @@ class StageError(RuntimeError):
 def log(msg: str) -> None:
     if is_rank0():
         print(msg, flush=True)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def stages_to_run(cfg, run_dir: Path, stages: tuple[str, ...] | list[str]) -> list[str]:

@@ -80,7 +80,7 @@ class GRPOTrainer:
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
-        r, algo, timer = self.cfg.recipe, self.algo, PhaseTimer()
+        algo, timer = self.algo, PhaseTimer()
 
         # 1-3. prompts → rollout → rewards (dynamic sampling refills zero-variance groups)
         with timer("rollout_and_reward"):

@@ -11,13 +11,10 @@ import math
 import os
 from pathlib import Path
 
-import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+from r1mega.parallel.state import is_rank0
 
 
 class MetricsLogger:
