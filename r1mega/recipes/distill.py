@@ -19,13 +19,12 @@ Stages (`run_dir/manifest.json`, restart-safe like recipe=r1): teacher -> genera
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
 from r1mega.data.prompts import load_rows
-from r1mega.parallel.state import destroy_distributed, init_distributed, seed_everything
+from r1mega.parallel.state import destroy_distributed, init_distributed
 from r1mega.recipes import stages as S
 from r1mega.recipes.base import Base, embedded_base
 from r1mega.recipes.manifest import Manifest
@@ -87,32 +86,24 @@ def run_stages(cfg, tcfg, run_dir: Path, todo: list[str], launch) -> dict:
     manifest = Manifest(run_dir)
     layout = "teacher" if todo[0] != "student" else "student"
     teacher = None
-    for i, name in enumerate(STAGES):
-        if name not in todo:
-            continue
-        head = f"[distill] stage {i + 1}/{len(STAGES)} {name}"
-        if manifest.done(name):
-            S.log(f"{head}: done earlier, skipped (manifest) | {manifest.stages[name]['summary'].get('line', '')}")
-            continue
+
+    def switch_layout(name: str) -> None:
+        nonlocal layout
         want = "student" if name == "student" else "teacher"
         if want != layout:
             _use_layout(cfg if want == "student" else tcfg, launch)
             layout = want
-        S.log(f"{head}: starting")
-        seed_everything(cfg.platform.seed + i, on_cpu=cfg.platform.device == "cpu")
-        t0 = time.perf_counter()
+
+    def run_one(name: str):
+        nonlocal teacher
         if name == "teacher":
-            outputs, summary = teacher_stage(tcfg, run_dir / name)
-        elif name == "generate":
-            teacher = teacher or _teacher_from(tcfg, manifest)
-            outputs, summary = generate_stage(cfg, tcfg, teacher, run_dir / name, launch)
-        else:
-            teacher = teacher or _teacher_from(tcfg, manifest)
-            outputs, summary = student_stage(cfg, teacher, manifest, run_dir / name, launch)
-        summary["seconds"] = round(time.perf_counter() - t0, 1)
-        summary["line"] = f"{summary['line']} ({summary['seconds']:.0f}s)"
-        manifest.finish(name, outputs, summary)
-        S.log(f"{head}: {summary['line']}")
+            return teacher_stage(tcfg, run_dir / name)
+        teacher = teacher or _teacher_from(tcfg, manifest)
+        if name == "generate":
+            return generate_stage(cfg, tcfg, teacher, run_dir / name, launch)
+        return student_stage(cfg, teacher, manifest, run_dir / name, launch)
+
+    S.run_pending("distill", cfg, STAGES, todo, manifest, run_one, prepare=switch_layout)
     if all(manifest.done(s) for s in STAGES) and todo[-1] == STAGES[-1]:
         return final_table(cfg, tcfg, manifest, run_dir)
     return manifest.stages

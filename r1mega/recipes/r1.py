@@ -20,7 +20,6 @@ with the paper's protocol and the table is printed.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
@@ -55,21 +54,8 @@ def run_stages(cfg, run_dir: Path, todo: list[str], launch) -> dict:
     manifest = Manifest(run_dir)
     base = prepare_base(cfg)
     tok = base.tokenizer()
-    for i, name in enumerate(STAGES):
-        if name not in todo:
-            continue
-        head = f"[r1] stage {i + 1}/{len(STAGES)} {name}"
-        if manifest.done(name):
-            S.log(f"{head}: done earlier, skipped (manifest) | {manifest.stages[name]['summary'].get('line', '')}")
-            continue
-        S.log(f"{head}: starting")
-        seed_everything(cfg.platform.seed + i, on_cpu=cfg.platform.device == "cpu")
-        t0 = time.perf_counter()
-        outputs, summary = STAGE_FNS[name](cfg, base, tok, manifest, run_dir / name, launch)
-        summary["seconds"] = round(time.perf_counter() - t0, 1)
-        summary["line"] = f"{summary['line']} ({summary['seconds']:.0f}s)"
-        manifest.finish(name, outputs, summary)
-        S.log(f"{head}: {summary['line']}")
+    S.run_pending("r1", cfg, STAGES, todo, manifest,
+                  lambda name: STAGE_FNS[name](cfg, base, tok, manifest, run_dir / name, launch))
     if all(manifest.done(s) for s in STAGES) and todo[-1] == STAGES[-1]:
         return final_eval(cfg, base, tok, manifest, run_dir, launch)
     return manifest.stages

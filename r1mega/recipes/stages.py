@@ -42,6 +42,34 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
+def run_pending(tag: str, cfg, stages: tuple[str, ...] | list[str], todo: list[str], manifest,
+                run_one: Callable[[str], tuple[dict, dict]], prepare: Callable[[str], None] | None = None) -> None:
+    """Runs the stages of `todo` in order: a finished one (per the manifest) is skipped; the others
+    are prepared (e.g. a parallel-layout switch, which reseeds), seeded, timed, and recorded in the
+    manifest with their outputs and summary line."""
+    import time
+
+    from r1mega.parallel.state import seed_everything
+
+    for i, name in enumerate(stages):
+        if name not in todo:
+            continue
+        head = f"[{tag}] stage {i + 1}/{len(stages)} {name}"
+        if manifest.done(name):
+            log(f"{head}: done earlier, skipped (manifest) | {manifest.stages[name]['summary'].get('line', '')}")
+            continue
+        if prepare is not None:
+            prepare(name)
+        log(f"{head}: starting")
+        seed_everything(cfg.platform.seed + i, on_cpu=cfg.platform.device == "cpu")
+        t0 = time.perf_counter()
+        outputs, summary = run_one(name)
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        summary["line"] = f"{summary['line']} ({summary['seconds']:.0f}s)"
+        manifest.finish(name, outputs, summary)
+        log(f"{head}: {summary['line']}")
+
+
 def stages_to_run(cfg, run_dir: Path, stages: tuple[str, ...] | list[str]) -> list[str]:
     """All of `stages`, or the one `recipe.stage` selects once its predecessors have finished in
     `run_dir`; otherwise exit with one line naming the problem (before anything is built)."""
