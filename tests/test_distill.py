@@ -14,15 +14,12 @@ from pathlib import Path
 
 import pytest
 
+# The CPU overlay's teacher and student recipes (recipe_platform/distill_cpu.yaml) on smaller models and a
+# shorter pretraining: ~2.5 min to make a teacher that solves ~90% of held-out sums, ~4 min in all.
 SMALL = [
     "recipe=distill", "model=tiny_dense", "model.num_layers=2", "recipe.teacher.model=tiny_dense",
-    "recipe.pretrain.steps=30", "recipe.pretrain.num_docs=2000", "recipe.pretrain.tokenizer_docs=1000",
-    "data.arithmetic.num_heldout=32",
-    "recipe.teacher.cold_start.num_examples=640", "recipe.teacher.cold_start.sft.batch_size=16",
-    "recipe.teacher.cold_start.sft.save_every=100", "recipe.teacher.cold_start.sft.wandb=false",
-    "recipe.generate.k=4", "recipe.generate.m=2",
-    "recipe.sft.batch_size=8", "recipe.sft.epochs=2", "recipe.sft.save_every=100", "recipe.sft.wandb=false",
-    "recipe.eval.k=4",
+    "recipe.pretrain.steps=100", "recipe.pretrain.num_docs=6400", "recipe.pretrain.tokenizer_docs=1000",
+    "recipe.teacher.cold_start.sft.wandb=false", "recipe.sft.wandb=false",
 ]
 
 
@@ -37,11 +34,6 @@ def _env() -> dict:
     return {**os.environ, "TORCHDYNAMO_DISABLE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "at test sizes the teacher does not solve held-out sums yet (its answers ignore the operands under the R1 "
-    "template after a short cold start), so it yields ~1 correct sample and the student cannot improve; the "
-    "pipeline itself (teacher SFT, vLLM sampling, correctness filter, layout switch, tokenizer check, student "
-    "SFT, before/after eval) runs end to end"))
 def test_distill_student_beats_itself(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "r1mega", *SMALL, f"run_dir={run_dir}", f"recipe.cache_dir={cache_dir}"]
@@ -65,5 +57,6 @@ def test_distill_student_beats_itself(tmp_path, cache_dir):
     before, after = student["before"]["arithmetic"], student["after"]["arithmetic"]
     teacher = manifest["generate"]["summary"]["teacher_eval"]["arithmetic"]
     print(f"teacher pass@1 {teacher['pass@1']:.3f}; student pass@1 {before['pass@1']:.3f} -> {after['pass@1']:.3f}")
-    assert after["pass@1"] > before["pass@1"], (before, after)
+    assert teacher["pass@1"] >= 0.5, teacher  # the cold start made it good at the task
+    assert after["pass@1"] >= before["pass@1"] + 0.1, (before, after)  # measured: 0.04 -> 0.26..0.33, teacher 0.94
     assert "pass@1" in out and "cons@4" in out and "student tiny_dense after" in out
