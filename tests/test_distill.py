@@ -60,3 +60,16 @@ def test_distill_student_beats_itself(tmp_path, cache_dir):
     assert teacher["pass@1"] >= 0.5, teacher  # the cold start made it good at the task
     assert after["pass@1"] >= before["pass@1"] + 0.1, (before, after)  # measured: 0.04 -> 0.26..0.33, teacher 0.94
     assert "pass@1" in out and "cons@4" in out and "student tiny_dense after" in out
+
+
+def test_cpu_recipes_share_the_r1_zero_base():
+    """On platform=cpu, recipe=r1 and the distill teacher start from recipe=r1_zero's cached base (one
+    pretraining for all three); the distill student is another model, so another base."""
+    from r1mega.config import compose
+    from r1mega.recipes.base import cache_root
+    from r1mega.recipes.distill import teacher_cfg
+
+    zero = cache_root(compose(["recipe=r1_zero"]))
+    distill = compose(["recipe=distill"])
+    assert cache_root(compose(["recipe=r1"])) == zero == cache_root(teacher_cfg(distill))
+    assert cache_root(distill) != zero and distill.model.name == "tiny_dense"

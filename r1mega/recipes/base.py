@@ -53,11 +53,16 @@ def prepare_base(cfg) -> Base:
     return embedded_base(cfg)
 
 
-def embedded_base(cfg) -> Base:
-    p = cfg.recipe.pretrain
-    key_src = json.dumps([OmegaConf.to_container(x, resolve=True) for x in (cfg.model, cfg.data.arithmetic, p)]
+def cache_root(cfg) -> Path:
+    """Where the embedded base of `cfg` is cached: named by a hash of all that determines it."""
+    key_src = json.dumps([OmegaConf.to_container(x, resolve=True) for x in (cfg.model, cfg.data.arithmetic,
+                                                                          cfg.recipe.pretrain)]
                          + [cfg.platform.seed, arithmetic.VERSION], sort_keys=True)
-    root = Path(cfg.recipe.cache_dir) / f"base-{cfg.model.name}-{hashlib.sha256(key_src.encode()).hexdigest()[:12]}"
+    return Path(cfg.recipe.cache_dir) / f"base-{cfg.model.name}-{hashlib.sha256(key_src.encode()).hexdigest()[:12]}"
+
+
+def embedded_base(cfg) -> Base:
+    root = cache_root(cfg)
     base = Base(cfg.model, tokenizer_dir=root / "tokenizer", checkpoint=root / "ckpt")
     if (root / "DONE").exists():
         return base
