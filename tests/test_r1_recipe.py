@@ -29,7 +29,7 @@ SMALL = [
     "recipe.rejection_sft.num_prompts=16", "recipe.rejection_sft.rejection.k=2", "recipe.rejection_sft.rejection.m=2",
     "recipe.rejection_sft.rejection.required.accuracy=0", "recipe.rejection_sft.rejection.required.format=0",
     "recipe.rejection_sft.rejection.drop_truncated=false", "recipe.rejection_sft.mix.num_synthetic=16",
-    "recipe.rejection_sft.sft.batch_size=4", "recipe.rejection_sft.sft.save_every=2",
+    "recipe.rejection_sft.sft.batch_size=4", "recipe.rejection_sft.sft.epochs=2", "recipe.rejection_sft.sft.save_every=2",
     "recipe.rejection_sft.sft.wandb=false",
     *(f"recipe.{s}.{k}" for s in ("rl_reasoning", "rl_all") for k in (
         "steps=2", "save_every=2", "prompts_per_step=4", "algorithm.group_size=4", "eval.k=2", "wandb=false")),
