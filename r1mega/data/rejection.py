@@ -67,10 +67,6 @@ class RejectionConfig:
     dedup: bool = True
 
 
-def _words(text: str) -> list[str]:
-    return language._WORD.findall(text[: language.MAX_CHARS])
-
-
 def script_of(word: str) -> str | None:
     return next((name for name, rx in _CLASS_RE.items() if rx.fullmatch(word)), None)
 
@@ -78,7 +74,7 @@ def script_of(word: str) -> str | None:
 def prompt_script(text: str) -> str | None:
     """The script most of `text`'s words are written in (None if it has no words)."""
     counts: dict[str, int] = {}
-    for w in _words(text):
+    for w in language.words(text):
         s = script_of(w)
         if s is not None:
             counts[s] = counts.get(s, 0) + 1
@@ -88,12 +84,11 @@ def prompt_script(text: str) -> str | None:
 def language_mixing(cot: str, problem: str, target: str | None = None) -> float:
     """Share of the chain of thought's words not written in the target language (`rewards.language.SCRIPTS`)
     or, without one, in the prompt's script. 0 when either has no words (numbers and symbols mix nothing)."""
-    words = _words(cot)
+    words = language.words(cot)
     if not words:
         return 0.0
     if target is not None:
-        rx = re.compile(rf"[{language.SCRIPTS[target]}]+")
-        return sum(1 for w in words if not rx.fullmatch(w)) / len(words)
+        return (len(words) - language.count_in_language(words, target)) / len(words)
     script = prompt_script(problem)
     if script is None:
         return 0.0

@@ -31,10 +31,20 @@ def chain_of_thought(completion: str) -> str:
     return completion[start:] if end < 0 else completion[start:end]
 
 
-def consistency(completion: str, row: dict | None = None, language: str = "en") -> float:
-    """Share of the chain of thought's words written in `language`; 0.0 if it has no words."""
+def words(text: str) -> list[str]:
+    return _WORD.findall(text[:MAX_CHARS])
+
+
+def count_in_language(ws: list[str], language: str) -> int:
+    """How many of the words `ws` are written in `language`."""
     if language not in SCRIPTS:
         raise ValueError(f"language {language!r} not in {sorted(SCRIPTS)}")
-    words = _WORD.findall(chain_of_thought(completion)[:MAX_CHARS])
     in_language = re.compile(rf"[{SCRIPTS[language]}]+")
-    return sum(1 for w in words if in_language.fullmatch(w)) / len(words) if words else 0.0
+    return sum(1 for w in ws if in_language.fullmatch(w))
+
+
+def consistency(completion: str, row: dict | None = None, language: str = "en") -> float:
+    """Share of the chain of thought's words written in `language`; 0.0 if it has no words."""
+    ws = words(chain_of_thought(completion))
+    n = count_in_language(ws, language)  # validates `language` even without words
+    return n / len(ws) if ws else 0.0
