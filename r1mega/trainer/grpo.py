@@ -74,7 +74,9 @@ class GRPOTrainer:
         self.colocation = Colocation(engine, WeightSync(cfg.model, cfg.parallel, cfg.rollout))
         self.thd = cfg.platform.transformer_engine
         self.ref_step = 0  # the policy step the reference model holds
-        if ref is not None and cfg.recipe.offload_reference and cfg.platform.device != "cpu":
+        # GPU: the reference lives in host memory except while it runs (`_reference_on_device`)
+        self.offload_ref = ref is not None and cfg.recipe.offload_reference and cfg.platform.device != "cpu"
+        if self.offload_ref:
             for c in ref.model:
                 c.to("cpu")
 
@@ -226,14 +228,13 @@ class GRPOTrainer:
     @contextmanager
     def _reference_on_device(self):
         """With `recipe.offload_reference` the reference lives in host memory except while it runs."""
-        offload = self.cfg.recipe.offload_reference and self.cfg.platform.device != "cpu"
-        if offload:
+        if self.offload_ref:
             for c in self.ref.model:
                 c.to(self.cfg.platform.device)
         try:
             yield
         finally:
-            if offload:
+            if self.offload_ref:
                 for c in self.ref.model:
                     c.to("cpu")
 
