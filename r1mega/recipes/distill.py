@@ -214,30 +214,18 @@ def student_stage(cfg, teacher: Base, manifest, stage_dir: Path, launch):
     init, init_label = student_init(cfg, teacher.tokenizer_dir)
     eval_rows = load_rows(cfg.data, "eval")
     eval_dir = stage_dir.parent / "eval"
-    before = _student_eval(cfg, tok, stage_dir, launch, init, "student before", eval_rows, eval_dir / "student_before")
+    keep_random = lambda chunks: None  # noqa: E731  (the frozen model's own random init)
+    before = S.evaluate_models(cfg, tok, launch, [("student_before", init or keep_random)], eval_rows, r.eval,
+                               eval_dir, stage_dir)["student_before"]
     res = S.sft_stage(cfg, "student_sft", stage_dir, init, rows, r.sft, tok, r.template)
-    after = _student_eval(cfg, tok, stage_dir, launch, S.checkpoint_loader(res["checkpoint"]), "student after",
-                          eval_rows, eval_dir / "student_after")
+    after = S.evaluate_models(cfg, tok, launch, [("student_after", S.checkpoint_loader(res["checkpoint"]))], eval_rows,
+                              r.eval, eval_dir, stage_dir)["student_after"]
     params = count_parameters(cfg.model).total / 1e6
     line = (f"student {cfg.model.name} ({params:.2f}M params, from {init_label}): SFT on {res['samples']} teacher "
             f"samples, {res['steps']} steps ({res['epochs']:.2f} epochs), loss {res.get('first_loss', float('nan')):.3f} -> "
             f"{res.get('last_loss', float('nan')):.3f}; held-out pass@1 {_pass1(before):.3f} -> {_pass1(after):.3f}")
     return ({"checkpoint": res["checkpoint"]},
             {**res, "before": before, "after": after, "init": init_label, "line": line})
-
-
-def _student_eval(cfg, tok, stage_dir, launch, init, label, rows, out_dir):
-    if (out_dir / "results.json").exists():
-        return S.evaluate_model(None, rows, cfg.recipe.template, cfg.recipe.eval, cfg.platform.seed, out_dir)
-    sampler = S.PolicySampler(cfg, tok, stage_dir, launch)
-    try:
-        if init is not None:
-            sampler.load(init, label)
-        else:
-            sampler.load(lambda chunks: None, label)  # the frozen model's own random init
-        return S.evaluate_model(sampler, rows, cfg.recipe.template, cfg.recipe.eval, cfg.platform.seed, out_dir)
-    finally:
-        sampler.close()
 
 
 def final_table(cfg, tcfg, manifest, run_dir: Path) -> dict:

@@ -35,19 +35,13 @@ STAGES = ("cold_start", "rl_reasoning", "rejection_sft", "rl_all")
 
 def run(cfg) -> dict:
     run_dir = Path(cfg.run_dir)
-    todo = _plan(cfg, run_dir)
+    todo = S.stages_to_run(cfg, run_dir, STAGES)  # errors before anything is built
     launch = init_distributed(cfg.parallel, cfg.platform)
     seed_everything(cfg.platform.seed, on_cpu=cfg.platform.device == "cpu")
     try:
         return run_stages(cfg, run_dir, todo, launch)
     finally:
         destroy_distributed()
-
-
-def _plan(cfg, run_dir: Path) -> list[str]:
-    """The stages to run; errors (before anything is built) for an unknown stage, a stage whose
-    predecessors have not finished in `run_dir`, or an option that is not wired."""
-    return S.stages_to_run(cfg, run_dir, STAGES)
 
 
 def run_stages(cfg, run_dir: Path, todo: list[str], launch) -> dict:
@@ -171,17 +165,7 @@ def final_eval(cfg, base: Base, tok, manifest, run_dir: Path, launch) -> dict:
     rows = load_rows(cfg.data, "eval")
     models = [("base", base.load_into)] + [(s, S.checkpoint_loader(manifest.outputs(s)["checkpoint"])) for s in STAGES]
     out_dir = run_dir / "eval"
-    results = {}
-    todo = [(label, init) for label, init in models if not (out_dir / label / "results.json").exists()]
-    sampler = S.PolicySampler(cfg, tok, out_dir, launch) if todo else None
-    try:
-        for label, init in models:
-            if sampler is not None and (label, init) in todo:
-                sampler.load(init, label)
-            results[label] = S.evaluate_model(sampler, rows, cfg.recipe.template, e, cfg.platform.seed, out_dir / label)
-    finally:
-        if sampler is not None:
-            sampler.close()
+    results = S.evaluate_models(cfg, tok, launch, models, rows, e, out_dir, work_dir=out_dir)
     S.print_eval_table(f"r1 on {cfg.model.name}: held-out {cfg.data.name}, k={e.k}, temperature {e.temperature}, "
                        f"top-p {e.top_p}, max_tokens {e.max_tokens}, template {cfg.recipe.template}",
                        list(results.items()), e.k, out_dir)

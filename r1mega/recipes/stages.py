@@ -291,6 +291,24 @@ def evaluate_model(sampler: PolicySampler, rows: list[dict], template: str, e, s
     return broadcast_object(metrics)
 
 
+def evaluate_models(cfg: DictConfig, tok, launch, models: list[tuple[str, Callable]], rows: list[dict], e,
+                    out_dir: Path, work_dir: Path) -> dict:
+    """`evaluate_model` of each (name, init) model, saved under `out_dir/name`; one engine serves them
+    all and is built only if some result is not saved yet."""
+    pending = {name for name, _ in models if not (out_dir / name / "results.json").exists()}
+    sampler = PolicySampler(cfg, tok, work_dir, launch) if pending else None
+    try:
+        results = {}
+        for name, init in models:
+            if name in pending:
+                sampler.load(init, name)
+            results[name] = evaluate_model(sampler, rows, cfg.recipe.template, e, cfg.platform.seed, out_dir / name)
+        return results
+    finally:
+        if sampler is not None:
+            sampler.close()
+
+
 def print_eval_table(title: str, entries: list[tuple[str, dict]], k: int, out_dir: Path) -> str:
     """One line per (model, benchmark); also written to `out_dir/eval_table.md` and `.json`."""
     cols = [("problems", "{}"), ("pass@1", "{:.3f}"), (f"cons@{k}", "{:.3f}"), (f"pass@{k}", "{:.3f}"),
