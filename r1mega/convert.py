@@ -85,15 +85,13 @@ class ImportMemory:
 
 
 def convert(direction: str, src: str, dst: str, overrides: list[str]) -> dict:
-    import torch.distributed as dist
-
     from r1mega.config import compose
     from r1mega.models.build import DTYPES, build_model
-    from r1mega.parallel.state import destroy_distributed, init_distributed
+    from r1mega.parallel.state import destroy_distributed, init_distributed, is_rank0
 
     cfg = compose(overrides)
     init_distributed(cfg.parallel, cfg.platform)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = is_rank0()
     memory = ImportMemory() if direction == "hf_to_megatron" else None
     with _without_random_init() if memory else nullcontext():
         chunks = [build_model(cfg.model, cfg.parallel, cfg.platform)]
