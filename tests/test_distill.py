@@ -7,12 +7,11 @@ Qwen2.5-shaped dense model); megatron's parallel state is rebuilt between them (
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.cli import cli_env
 
 # The CPU overlay's teacher and student recipes (recipe_platform/distill_cpu.yaml) on smaller models and a
 # shorter pretraining: ~2.5 min to make a teacher that solves ~90% of held-out sums, ~4 min in all.
@@ -23,21 +22,10 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.getbasetemp() / "recipe_base_cache"  # shared with tests/test_r1_recipe.py
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def _env() -> dict:
-    return {**os.environ, "TORCHDYNAMO_DISABLE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-
-
 def test_distill_student_beats_itself(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "r1mega", *SMALL, f"run_dir={run_dir}", f"recipe.cache_dir={cache_dir}"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
 

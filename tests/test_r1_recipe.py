@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import cli_env
+
 SMALL = [
     "recipe=r1", "recipe.pretrain.steps=10", "recipe.pretrain.num_docs=1000", "recipe.pretrain.tokenizer_docs=1000",
     "data.arithmetic.num_heldout=16", "recipe.eval.k=2",
@@ -37,24 +39,12 @@ SMALL = [
 STAGES = ("cold_start", "rl_reasoning", "rejection_sft", "rl_all")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    # Shared with tests/test_distill.py in one session: the embedded base is cached by content hash.
-    path = tmp_path_factory.getbasetemp() / "recipe_base_cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 def _cmd(run_dir: Path, cache: Path, extra=()) -> list[str]:
     return [sys.executable, "-m", "r1mega", *SMALL, f"run_dir={run_dir}", f"recipe.cache_dir={cache}", *extra]
 
 
-def _env() -> dict:
-    return {**os.environ, "TORCHDYNAMO_DISABLE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-
-
 def _run(run_dir: Path, cache: Path, extra=(), rc: int = 0) -> str:
-    proc = subprocess.run(_cmd(run_dir, cache, extra), env=_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(_cmd(run_dir, cache, extra), env=cli_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == rc, proc.stdout[-4000:] + proc.stderr[-6000:]
     return proc.stdout + proc.stderr
 
@@ -72,7 +62,7 @@ def _fingerprint(stage_dir: Path) -> dict:
 def test_r1_four_stages_resume_in_stage3_after_sigkill(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(_cmd(run_dir, cache_dir), env=_env(), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(_cmd(run_dir, cache_dir), env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     latest = run_dir / "rejection_sft" / "ckpt" / "latest"
     deadline = time.time() + 900
@@ -132,7 +122,7 @@ def test_r1_four_stages_resume_in_stage3_after_sigkill(tmp_path, cache_dir):
     shutil.rmtree(run_dir / "eval" / "rl_all")
     rm_root = tmp_path / "rm"
     proc = subprocess.run([sys.executable, "-c", RM_SCRIPT, str(run_dir / "cold_start" / "ckpt"), str(rm_root)],
-                          env=_env(), capture_output=True, text=True, timeout=600)
+                          env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = _run(run_dir, cache_dir, ["+stage=rl_all", f"recipe.rl_all.reward_model.checkpoint={rm_root}",
                                     "recipe.rl_all.reward_model.weight=0.5"])

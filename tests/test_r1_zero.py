@@ -17,6 +17,7 @@ import pytest
 
 from r1mega.config.schema import DataConfig
 from r1mega.data.prompts import data_dir
+from tests.cli import cli_env
 from tests.distributed import free_port
 
 SMALL = [
@@ -28,11 +29,6 @@ SMALL = [
 NONDETERMINISTIC = ("time/", "throughput/")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("base_cache")
-
-
 def _cmd(run_dir: Path, cache: Path, extra: list[str], nproc: int = 1) -> list[str]:
     args = [*SMALL, f"run_dir={run_dir}", f"recipe.cache_dir={cache}", *extra]
     if nproc == 1:
@@ -41,12 +37,8 @@ def _cmd(run_dir: Path, cache: Path, extra: list[str], nproc: int = 1) -> list[s
             "-m", "r1mega", *args]
 
 
-def _env() -> dict:
-    return {**os.environ, "TORCHDYNAMO_DISABLE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-
-
 def _run(run_dir: Path, cache: Path, extra: list[str], nproc: int = 1) -> list[dict]:
-    proc = subprocess.run(_cmd(run_dir, cache, extra, nproc), env=_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(_cmd(run_dir, cache, extra, nproc), env=cli_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return _rows(run_dir)
 
@@ -96,7 +88,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, cache_dir):
     reference = _run(tmp_path / "uninterrupted", cache_dir, extra)
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(run_dir, cache_dir, extra), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(run_dir, cache_dir, extra), env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     latest = run_dir / "ckpt" / "latest"
     deadline = time.time() + 600
