@@ -34,7 +34,7 @@ SMALL = [
     "recipe.rejection_sft.sft.batch_size=4", "recipe.rejection_sft.sft.epochs=2", "recipe.rejection_sft.sft.save_every=2",
     "recipe.rejection_sft.sft.wandb=false",
     *(f"recipe.{s}.{k}" for s in ("rl_reasoning", "rl_all") for k in (
-        "steps=2", "save_every=2", "prompts_per_step=4", "algorithm.group_size=4", "eval.k=2", "wandb=false")),
+        "rollouts=2", "save_every=2", "prompts_per_rollout=4", "algorithm.group_size=4", "eval.k=2", "wandb=false")),
 ]
 STAGES = ("cold_start", "rl_reasoning", "rejection_sft", "rl_all")
 

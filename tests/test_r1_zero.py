@@ -22,7 +22,7 @@ from tests.distributed import free_port
 
 SMALL = [
     "recipe=r1_zero", "recipe.pretrain.steps=10", "recipe.pretrain.num_docs=1000", "recipe.pretrain.tokenizer_docs=1000",
-    "data.arithmetic.num_heldout=16", "recipe.prompts_per_step=4", "algorithm.group_size=4", "recipe.eval.k=2",
+    "data.arithmetic.num_heldout=16", "recipe.prompts_per_rollout=4", "algorithm.group_size=4", "recipe.eval.k=2",
     "optim.lr=1e-3",
 ]
 # Wall-clock and throughput differ between runs; everything else must not.
@@ -63,7 +63,7 @@ def _check_loop(rows: list[dict], steps: int) -> None:
 
 def test_grpo_steps_world_size_1(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    rows = _run(run_dir, cache_dir, ["recipe.steps=3", "recipe.save_every=3"])
+    rows = _run(run_dir, cache_dir, ["recipe.rollouts=3", "recipe.save_every=3"])
     _check_loop(rows, 3)
     assert any(k.startswith("moe/load_max_over_mean/layer") for k in rows[-1])
     for key in ("reward/accuracy", "reward/format", "loss/entropy", "loss/clip_frac_high", "grad_norm", "lr",
@@ -78,13 +78,13 @@ def test_grpo_steps_world_size_1(tmp_path, cache_dir):
 
 
 def test_grpo_steps_pp2(tmp_path, cache_dir):
-    rows = _run(tmp_path / "run", cache_dir, ["parallel=pp2", "recipe.steps=2", "recipe.save_every=2",
+    rows = _run(tmp_path / "run", cache_dir, ["parallel=pp2", "recipe.rollouts=2", "recipe.save_every=2",
                                                "recipe.wandb=false"], nproc=2)
     _check_loop(rows, 2)
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path, cache_dir):
-    extra = ["recipe.steps=4", "recipe.save_every=2", "recipe.wandb=false"]
+    extra = ["recipe.rollouts=4", "recipe.save_every=2", "recipe.wandb=false"]
     reference = _run(tmp_path / "uninterrupted", cache_dir, extra)
 
     run_dir = tmp_path / "killed"
@@ -112,6 +112,6 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, cache_dir):
                     reason="shared/data is not checked out next to the repo (or R1MEGA_DATA_DIR)")
 def test_gsm8k_prompts_run_through_the_loop(tmp_path, cache_dir):
     # A tiny model learns nothing here; real JSONL prompts must flow through every stage.
-    rows = _run(tmp_path / "run", cache_dir, ["data=gsm8k", "data.eval_limit=8", "recipe.steps=1",
+    rows = _run(tmp_path / "run", cache_dir, ["data=gsm8k", "data.eval_limit=8", "recipe.rollouts=1",
                                               "recipe.save_every=1", "recipe.wandb=false"])
     assert rows[0]["response_length/mean"] > 0 and math.isfinite(rows[0]["loss/entropy"])

@@ -18,8 +18,8 @@ from r1mega.data.rejection import RejectionConfig
 @dataclass
 class SFTStageConfig:
     """An SFT run inside a recipe: epochs over packed samples, lr warmup + decay over the stage's
-    steps, a checkpoint (model + optimizer + scheduler) every `save_every` steps; a restarted stage
-    resumes from its last checkpoint."""
+    optimizer steps, a checkpoint (model + optimizer + scheduler) every `save_every` optimizer steps;
+    a restarted stage resumes from its last checkpoint."""
 
     steps: int = 100000  # cap on optimizer steps; the epochs usually end first
     epochs: int = 2
@@ -27,9 +27,9 @@ class SFTStageConfig:
     max_tokens: int = 32768  # tokens per packed microbatch; longer samples are dropped (and counted)
     lr: float = 5.0e-5
     min_lr: float = 5.0e-6
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimizer steps
     lr_decay_style: str = "cosine"  # constant | cosine | linear
-    save_every: int = 100
+    save_every: int = 100  # optimizer steps
     keep_last: int = 1
     wandb: bool = True
 
@@ -59,18 +59,19 @@ class RewardModelTermConfig:
 @dataclass
 class RLStageConfig:
     """A GRPO stage (`r1mega.recipes.r1_zero.rl_stage`). `algorithm`, `optim`, `reward` are merged
-    onto the run's top-level groups for this stage only."""
+    onto the run's top-level groups for this stage only. Units as `RLRecipeConfig`: `rollouts`,
+    `save_every`, `eval.every` count rollouts; schedule keys count optimizer steps."""
 
     template: str = "r1"
-    steps: int = 1000
-    prompts_per_step: int = 32
+    rollouts: int = 100  # GRPO iterations, each num_mini_batches x ppo_epochs optimizer steps
+    prompts_per_rollout: int = 32  # x group_size outputs per rollout
     max_prompt_tokens: int = 2048
     max_response_tokens: int = 32768
-    response_length_schedule: Dict[int, int] = field(default_factory=dict)
+    response_length_schedule: Dict[int, int] = field(default_factory=dict)  # optimizer step -> max_response_tokens
     temperature: float = 1.0
     top_p: float = 1.0
-    train_max_tokens: int = 65536
-    save_every: int = 50
+    train_max_tokens: int = 65536  # tokens per packed training microbatch (>= prompt + longest response)
+    save_every: int = 50  # rollouts between checkpoints
     keep_last: int = 2
     wandb: bool = True
     deterministic: bool = True

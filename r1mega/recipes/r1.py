@@ -71,6 +71,7 @@ def cold_start(cfg, base: Base, tok, manifest, stage_dir: Path, launch):
 
 
 def _rl(cfg, base: Base, stage: str, init_from: str, manifest, stage_dir: Path, launch):
+    from r1mega.config.steps import optimizer_steps_per_rollout
     from r1mega.recipes.r1_zero import rl_stage
 
     st = cfg.recipe[stage]
@@ -81,7 +82,8 @@ def _rl(cfg, base: Base, stage: str, init_from: str, manifest, stage_dir: Path, 
     res = rl_stage(scfg, start, stage_dir, launch, reward_model=rm)
     b, a = res["before"], res["after"]
     terms = "rule rewards" + (f" + reward model ({st.reward_model.checkpoint}, weight {rm.weight})" if rm else "")
-    line = (f"GRPO {st.steps} steps from {init_from} with {terms}: held-out accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
+    steps = st.rollouts * optimizer_steps_per_rollout(scfg.algorithm)
+    line = (f"GRPO {st.rollouts} rollouts ({steps} optimizer steps) from {init_from} with {terms}: held-out accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
             f"format {b['format_rate']:.3f} -> {a['format_rate']:.3f}, tokens {b['mean_tokens']:.1f} -> {a['mean_tokens']:.1f}")
     return {"checkpoint": stage_dir / "ckpt", "metrics": stage_dir / f"{stage}_metrics.jsonl"}, {**res, "line": line}
 

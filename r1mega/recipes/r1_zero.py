@@ -1,8 +1,10 @@
 """`recipe=r1_zero`: GRPO from the base model with rule rewards (DeepSeek-R1, 2.2).
 
-Held-out eval before RL → `recipe.steps` GRPO steps (checkpoint every `save_every`, resumable after
-kill -9) → held-out eval after RL; metrics go to W&B / JSONL / console, and `curves.png` plots
-reward, accuracy and response length per step. Everything lives in `run_dir`.
+Held-out eval before RL → `recipe.rollouts` GRPO iterations (each `num_mini_batches x ppo_epochs`
+optimizer steps; a checkpoint every `save_every` rollouts, resumable after kill -9) → held-out eval
+after RL; metrics go to W&B / JSONL / console, and `curves.png` plots reward, accuracy and response
+length per rollout. Everything lives in `run_dir`. The step arithmetic (r1mega.config.steps) is
+printed at start-up.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from r1mega.checkpoint.manager import CheckpointManager
+from r1mega.config.steps import step_plan
 from r1mega.data.prompts import PromptSource, load_rows
 from r1mega.parallel.state import broadcast_object, destroy_distributed, init_distributed, is_rank0, seed_everything
 from r1mega.recipes.base import Base, prepare_base
@@ -62,17 +65,18 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
         trainer.ref_step = ref_step
         trainer.colocation.weight_sync.sync(policy.model, engine)  # the engine starts from dummy weights
 
-        log = MetricsLogger(run_dir, r.name, r.steps, config=OmegaConf.to_container(cfg, resolve=True), start_step=start,
+        log = MetricsLogger(run_dir, r.name, r.rollouts, config=OmegaConf.to_container(cfg, resolve=True), start_step=start,
                             headline=("reward/mean", "accuracy", "response_length/mean"), use_wandb=r.wandb)
+        log.print(f"{r.name}: {step_plan(r, cfg.algorithm, num_prompts=len(prompts)).line()}")
         if prompts.skipped:
             log.print(f"[yellow]{prompts.skipped} prompts longer than recipe.max_prompt_tokens={r.max_prompt_tokens} were skipped")
         before = _cached_eval(trainer, cfg, eval_rows, run_dir / "eval_before.json")
-        for step in range(start, r.steps):
+        for step in range(start, r.rollouts):  # `step` counts rollouts (GRPO iterations)
             metrics = trainer.step(step)
-            if r.eval.every and (step + 1) % r.eval.every == 0 and step + 1 < r.steps:
+            if r.eval.every and (step + 1) % r.eval.every == 0 and step + 1 < r.rollouts:
                 metrics.update({f"eval/{k}": v for k, v in _evaluate(trainer, cfg, eval_rows).items()})
             log.log(step + 1, metrics)
-            if (step + 1) % r.save_every == 0 or step + 1 == r.steps:
+            if (step + 1) % r.save_every == 0 or step + 1 == r.rollouts:
                 if trainer.ref_step > ref_step:
                     ref_step = trainer.ref_step
                     ref_ckpt.save(ref_step, ref.model)

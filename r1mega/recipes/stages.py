@@ -1,7 +1,7 @@
 """Stage helpers shared by the multi-stage recipes (`recipe=r1`, `recipe=distill`).
 
 - `sft_stage`: SFT of a starting model on rows (R1 output form), packed, epochs with an lr schedule,
-  checkpoints (model + optimizer + scheduler) every `save_every` steps; a restarted stage resumes
+  checkpoints (model + optimizer + scheduler) every `save_every` optimizer steps; a restarted stage resumes
   from its last checkpoint and a finished one is not redone.
 - `PolicySampler`: a frozen megatron copy of the model and a vLLM engine serving it; `load` puts a
   checkpoint's weights into both (the engine gets them by weight sync, any training layout).
@@ -89,7 +89,7 @@ def stages_to_run(cfg, run_dir: Path, stages: tuple[str, ...] | list[str]) -> li
 
 
 # -- configs -------------------------------------------------------------------------------------------
-RL_FIELDS = ("template", "steps", "prompts_per_step", "max_prompt_tokens", "max_response_tokens",
+RL_FIELDS = ("template", "rollouts", "prompts_per_rollout", "max_prompt_tokens", "max_response_tokens",
              "response_length_schedule", "temperature", "top_p", "train_max_tokens", "save_every", "keep_last",
              "wandb", "deterministic", "eval")
 
