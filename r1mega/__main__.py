@@ -1,7 +1,9 @@
 """`python -m r1mega [hydra overrides]`: compose, validate, then run the chosen recipe.
 
 Composition errors and rule violations are reported as one line per problem naming the field,
-and exit with status 2 before anything is built.
+and exit with status 2 before anything is built; so does a run whose per-device memory estimate
+(r1mega.plan.preflight) exceeds the device, with the planner's breakdown (platform.memory_check=false
+skips that check).
 """
 from __future__ import annotations
 
@@ -39,7 +41,22 @@ def preflight(argv: list[str]) -> DictConfig:
         print(f"r1mega: invalid config: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     print(count_parameters(cfg.model).summary(cfg.model.name), file=sys.stderr)
+    memory_check(cfg)
     return cfg
+
+
+def memory_check(cfg: DictConfig) -> None:
+    """Refuse (exit 2) before anything is built when the planner's per-device estimate exceeds the
+    device (r1mega.plan.preflight); `platform.memory_check=false` skips it."""
+    import os
+
+    from r1mega.plan.preflight import check
+
+    result = check(cfg)
+    if not result.fits:
+        if os.environ.get("RANK", "0") == "0":
+            print("\n".join(result.lines()), file=sys.stderr)
+        sys.exit(2)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

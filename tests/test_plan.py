@@ -31,15 +31,15 @@ DSV3_ACTIVE = 37e9
 # performance/grpo-deepseek-v3-32n8g.yaml): PP16 x EP16 (3 + 14x4 + 2 layers), activation checkpointing,
 # max_total_sequence_length 1536, 32 prompts x 16 generations, micro batch 1, vLLM TP32. The prompt
 # length is not published; 512 is assumed.
-NEMO_RL_256 = ["model=deepseek_v3_671b", "cluster=h100_80gb", "num_gpus=256", "parallel=dsv3_256xh100",
-               "rollout=dsv3_tp32", "seq_length=1536", "prompt_length=512", "global_batch_size=512",
+NEMO_RL_256 = ["model=deepseek_v3_671b", "cluster=h100_80gb", "num_gpus=256", "parallel=nemo_rl_dsv3_256xh100",
+               "rollout=dsv3_tp32", "rollout.gpu_memory_utilization=0.6", "seq_length=1536", "prompt_length=512", "global_batch_size=512",
                "micro_batch_size=1", "recompute=full"]
 # verl DeepSeek-V3 on 96 H20-96GB (volcengine/verl examples/grpo_trainer/run_deepseek671b_math_megatron_96gb.sh,
 # docs/perf/dpsk.md): TP8 PP12 EP8, last stage 6 layers, optimizer_offload_fraction=1, full recompute,
 # prompt 2048 + response 1204*8 tokens, 96 prompts x 8 responses in 3 minibatches of 32 prompts,
 # dynamic batching at one sequence's tokens per GPU, vLLM TP32 at gpu_memory_utilization 0.6.
 VERL_96 = ["model=deepseek_v3_671b", "cluster=h20_96gb", "num_gpus=96", "parallel=verl_dsv3_96xh20",
-           "rollout=dsv3_tp32", "seq_length=11680", "prompt_length=2048", "global_batch_size=768",
+           "rollout=dsv3_tp32", "rollout.gpu_memory_utilization=0.6", "seq_length=11680", "prompt_length=2048", "global_batch_size=768",
            "optimizer_steps_per_rl_step=3", "recompute=full"]
 VERL_REPORTED_GPU_GB = 66  # verl's DeepSeek-V3 671B runs report ~66 GB GPU memory in use on H20-96GB
 VERL_REPORTED_HOST_TB = 1.6  # docs/perf/dpsk.md: "this configuration will use 1.6TB CPU memory per node"
@@ -155,6 +155,12 @@ def test_recompute_orders_activation_memory():
     act = {rc: plan(compose_plan(NEMO_RL_256 + [f"recompute={rc}"]))["train_memory"]["activations_gb"]
            for rc in ("none", "selective", "full")}
     assert act["full"] < act["selective"] <= act["none"]
+    # megatron's full recompute: uniform chunks of 4 layers keep fewer inputs but hold 4 layers while one
+    # is rebuilt; block 2 keeps every activation of the stage's other layers.
+    full = {k: plan(compose_plan(NEMO_RL_256 + ["recompute=full", *k]))["train_memory"]["activations_gb"]
+            for k in [(), ("recompute_num_layers=4",), ("recompute_method=block", "recompute_num_layers=2")]}
+    uniform1, uniform4, block2 = full.values()
+    assert uniform1 < uniform4 and uniform1 < block2 < act["none"]
 
 
 def test_json_and_wandb_outputs(runs):
@@ -183,7 +189,7 @@ def test_cli_prints_breakdown_and_top_layouts_under_5s():
 
 
 def test_cli_json_output():
-    p, _ = _cli("num_gpus=256", "parallel=dsv3_256xh100", "rollout=dsv3_tp32", "output=json")
+    p, _ = _cli("num_gpus=256", "parallel=nemo_rl_dsv3_256xh100", "rollout=dsv3_tp32", "output=json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["layout"].startswith("TP1 PP16 EP16")
 

@@ -68,6 +68,10 @@ class ModelConfig:
     moe_router_load_balancing_type: str = "none"  # none | aux_loss | seq_aux_loss
     first_k_dense_layers: int = 0
     mtp_num_layers: int = 0  # multi-token-prediction depth (DeepSeek-V3: 1)
+    # lambda, the MTP loss weight in SFT / pretraining (mean MTP NLL over the loss tokens, averaged over
+    # depths). DeepSeek-V3 (section 4.2): 0.3 for the first 10T tokens, then 0.1 (its final value and
+    # megatron-core's default). RL uses algorithm.mtp_loss_coef instead (0: off).
+    mtp_loss_scaling_factor: float = 0.1
 
     # Numerics.
     params_dtype: str = "fp32"  # fp32 | bf16
@@ -90,6 +94,15 @@ class ParallelConfig:
     expert_tensor_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    # Activation recompute (megatron-core's TransformerConfig fields of the same names), a memory
+    # choice of the layout; the pre-flight memory check estimates with it. `full` keeps only the
+    # input of each recomputed chunk and rebuilds the rest in backward: `uniform` checkpoints every
+    # chunk of `recompute_num_layers` layers, `block` the first `recompute_num_layers` layers of
+    # each pipeline stage. `selective` recomputes core attention only (megatron's default modules;
+    # method and num_layers stay null).
+    recompute_granularity: Optional[str] = None  # None | selective | full
+    recompute_method: Optional[str] = None  # uniform | block (full only)
+    recompute_num_layers: Optional[int] = None  # >= 1 (full only)
 
 
 @dataclass
@@ -102,6 +115,11 @@ class PlatformConfig:
     transformer_engine: bool = False
     deterministic: bool = True
     seed: int = 1234
+    # Pre-flight memory check (r1mega.plan.preflight): before anything is built, the planner's
+    # per-device estimate for this model, layout, lengths and batch must fit the device: a GPU of
+    # conf/cluster/<cluster>.yaml, or on CPU the host's memory divided among its local processes.
+    memory_check: bool = True  # false: skip it (experts who know better than the estimate)
+    cluster: Optional[str] = None  # conf/cluster preset whose GPU the check assumes (GPU platforms)
 
 
 @dataclass
@@ -176,8 +194,8 @@ class DataConfig:
 class PretrainConfig:
     """How the embedded default makes its own base model (cached by content hash under `cache_dir`)."""
 
-    steps: int = 400
-    batch_size: int = 64  # documents per step
+    steps: int = 400  # optimizer steps
+    batch_size: int = 64  # documents per optimizer step
     max_tokens: int = 256  # tokens per packed microbatch (attention is dense per microbatch on CPU)
     num_docs: int = 30000
     lr: float = 2e-3
@@ -194,28 +212,37 @@ class EvalConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     max_tokens: int = 1024
-    every: int = 0  # steps between evals inside the loop; 0 = only before and after
+    every: int = 0  # rollouts between evals inside the RL loop; 0 = only before and after
 
 
 @dataclass
 class RLRecipeConfig(RecipeConfig):
     """A GRPO run (R1-Zero, or an RL stage of R1). Paper values in conf/recipe/r1_zero.yaml; the CPU
-    overlay conf/recipe_platform/r1_zero_cpu.yaml shrinks them for the embedded default."""
+    overlay conf/recipe_platform/r1_zero_cpu.yaml shrinks them for the embedded default.
+
+    Units (r1mega.config.steps): a *rollout* samples `algorithm.group_size` outputs for each of
+    `prompts_per_rollout` prompts and runs `algorithm.num_mini_batches x algorithm.ppo_epochs`
+    *optimizer steps* on them. `rollouts`, `save_every` and `eval.every` count rollouts.
+    `response_length_schedule` maps an OPTIMIZER step K to a new `max_response_tokens`: it applies
+    from the rollout that feeds optimizer step K (rollout floor(K / optimizer steps per rollout)) on,
+    so every optimizer step >= K trains on outputs generated with the new limit.
+    """
 
     base: str = "embedded"  # embedded (pretrain a tiny base on the synthetic task) | an HF directory
     template: str = "r1_zero"
-    steps: int = 10400
-    prompts_per_step: int = 512
+    rollouts: int = 650  # GRPO iterations (paper: 650 x 16 = 10,400 optimizer steps)
+    prompts_per_rollout: int = 512  # x group_size outputs per rollout (paper: 512 x 16 = 8,192)
     max_prompt_tokens: int = 1024
     max_response_tokens: int = 32768
-    response_length_schedule: Dict[int, int] = field(default_factory=dict)  # step -> max_response_tokens from then on
+    response_length_schedule: Dict[int, int] = field(default_factory=dict)  # optimizer step -> max_response_tokens
     temperature: float = 1.0
     top_p: float = 1.0
-    train_max_tokens: int = 65536  # tokens per packed training microbatch
-    save_every: int = 50
+    train_max_tokens: int = 67584  # tokens per packed training microbatch (>= prompt + longest response)
+    save_every: int = 50  # rollouts between checkpoints
     keep_last: int = 2
     cache_dir: str = "runs/cache"
     offload_reference: bool = False  # GPU: keep the reference model in host memory between uses
+    offload_train_state: bool = True  # free gradients, optimizer state to host memory while vLLM runs
     wandb: bool = True
     deterministic: bool = True  # CPU: resumed runs reproduce the uninterrupted run's metrics
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -20,7 +20,7 @@ from r1mega.plan.memory import facts
 from r1mega.plan.schema import register_plan_configs
 from r1mega.plan.search import best_rollout, search
 
-CHOICES = {"recompute": ("none", "selective", "full"), "layout": ("given", "best"),
+CHOICES = {"recompute": ("none", "selective", "full"), "recompute_method": ("uniform", "block"), "layout": ("given", "best"),
            "rollout_layout": ("given", "best"), "output": ("table", "json", "wandb")}
 
 
@@ -38,6 +38,8 @@ def compose_plan(overrides: list[str] | None = None):
     problems = [f"{k}={cfg[k]!r} is not one of {', '.join(v)}." for k, v in CHOICES.items() if cfg[k] not in v]
     problems += [f"search_recompute has {r!r}, not one of {', '.join(CHOICES['recompute'])}."
                  for r in cfg.search_recompute if r not in CHOICES["recompute"]]
+    if cfg.recompute_num_layers < 1:
+        problems.append(f"recompute_num_layers={cfg.recompute_num_layers} must be at least 1.")
     if not 0 < cfg.prompt_length < cfg.seq_length:
         problems.append(f"prompt_length={cfg.prompt_length} must be positive and below seq_length={cfg.seq_length}.")
     if not 0 <= cfg.optimizer_offload_fraction <= 1:

@@ -107,8 +107,10 @@ def verdict(c, cl, tm: dict, rm: Optional[dict], rt: Optional[dict]) -> dict:
             ("rollout weights", rm["weights_gb"] + rm["activation_reserve_gb"], rm["budget_gb"],
              f"vLLM at TP{rm['tp']} needs {rm['weights_gb']:.1f} GB weights + {rm['activation_reserve_gb']:.0f} GB "
              f"activations in its {rm['budget_gb']:.1f} GB budget"),
-            ("rollout KV cache", c.seq_length, rm["kv_tokens_per_engine"],
-             f"KV cache holds {rm['kv_tokens_per_engine']} tokens per engine, one sequence needs {c.seq_length}"),
+            # One sequence lives on one attention-DP rank, whose cache is one GPU's (MLA latents are
+            # replicated over TP; other KV heads are split over TP, so each rank holds every token).
+            ("rollout KV cache", c.seq_length, rm["kv_tokens_per_gpu"],
+             f"KV cache holds {rm['kv_tokens_per_gpu']} tokens per attention-DP rank, one sequence needs {c.seq_length}"),
             ("rollout memory", rm["total_gb"], gpu,
              f"engine budget {rm['budget_gb']:.1f} GB + resident training states {rm['train_states_resident_gb']:.1f} GB"),
         ]

@@ -147,9 +147,9 @@ def train_memory(m, f: Facts, lay, c, cl) -> dict:
         kind: layer_activation_bytes(m, kind, tp, lay.sp, c.recompute, c.recompute_modules, c) * mbs_tokens
         for kind in ({False, True} if moe else {False})
     }
-    working = 0.0
-    if c.recompute == "full":  # one layer's full activations exist while it is recomputed
-        working = max(layer_activation_bytes(m, k, tp, lay.sp, "none", (), c) for k in per_layer) * mbs_tokens
+    full = None  # full recompute: every activation of a layer, which exist while it is recomputed
+    if c.recompute == "full":
+        full = {k: layer_activation_bytes(m, k, tp, lay.sp, "none", (), c) * mbs_tokens for k in per_layer}
     penalty = 1 + (pp - 1) / (pp * vpp) if lay.vpp else 1.0  # interleaved 1F1B keeps more in flight
     worst, host_peak = None, 0.0
     for i in range(pp):
@@ -161,7 +161,8 @@ def train_memory(m, f: Facts, lay, c, cl) -> dict:
         optim = shard * c.optimizer_bytes
         start = sum(counts[:i])
         n_dense = sum(1 for j in range(start, start + counts[i]) if j < f.dense_layers)
-        act_one = n_dense * per_layer[False] + (counts[i] - n_dense) * per_layer.get(True, per_layer[False])
+        kinds = [False] * n_dense + [moe] * (counts[i] - n_dense)  # a stage's dense layers come first
+        act_one, working = _stage_activations(kinds, per_layer, full, c, vpp)
         in_flight = min(n_micro, (pp - i) * penalty)
         logits = mbs_tokens * m.vocab_size / tp * c.logits_bytes if i == pp - 1 else 0.0
         row = {
@@ -182,10 +183,13 @@ def train_memory(m, f: Facts, lay, c, cl) -> dict:
         }
         row["total_gb"] = sum(row[k] for k in ("weights_gb", "grads_gb", "optimizer_gb", "fp8_copies_gb",
                                                "activations_gb", "ref_model_gb", "reserved_gb"))
-        # While vLLM runs, the training states that stay on the GPU (or move to host).
-        states = row["weights_gb"] + row["grads_gb"] + row["optimizer_gb"] + row["fp8_copies_gb"] + row["ref_model_gb"]
-        row["states_gb"] = states
-        row["host_rollout_offload_gb"] = states if (c.rl and c.offload_train_states_in_rollout) else 0.0
+        # While vLLM runs: the training states on the GPU. The offload (r1mega: MegatronEngine.
+        # offload_train_state) moves gradients and optimizer state to host memory; the weights (the
+        # weight sync reads them) and a reference kept on the GPU stay.
+        offloaded = row["grads_gb"] + row["optimizer_gb"] if (c.rl and c.offload_train_states_in_rollout) else 0.0
+        row["states_gb"] = (row["weights_gb"] + row["grads_gb"] + row["optimizer_gb"] + row["fp8_copies_gb"]
+                            + row["ref_model_gb"] - offloaded)
+        row["host_rollout_offload_gb"] = offloaded
         row["host_total_gb"] = row["host_optimizer_gb"] + row["host_ref_model_gb"] + row["host_rollout_offload_gb"]
         if worst is None or row["total_gb"] > worst["total_gb"]:
             worst = row
@@ -193,6 +197,23 @@ def train_memory(m, f: Facts, lay, c, cl) -> dict:
     worst = dict(worst, dp=dp, expert_dp=edp, microbatches=n_micro, stage_layers=counts)
     worst["host_per_node_gb"] = host_peak * min(cl.gpus_per_node, lay.world)
     return worst
+
+
+def _stage_activations(kinds: list, per_layer: dict, full, c, vpp: int) -> tuple[float, float]:
+    """(bytes one microbatch leaves saved on a stage, bytes alive only while a chunk is recomputed).
+
+    Full recompute keeps only the input of each checkpointed chunk (`per_layer` then holds just
+    that); megatron-core's `recompute_method=uniform` checkpoints chunks of `recompute_num_layers`
+    layers, all of whose activations exist while one is recomputed; `block` checkpoints the first
+    `recompute_num_layers` layers of each model chunk one by one and keeps every activation of the rest.
+    """
+    if full is None:
+        return sum(per_layer[k] for k in kinds), 0.0
+    n = max(1, int(getattr(c, "recompute_num_layers", None) or 1))
+    if (getattr(c, "recompute_method", None) or "uniform") == "uniform":
+        return math.ceil(len(kinds) / n) * per_layer[False], min(n, len(kinds)) * max(full.values())
+    r = min(len(kinds), n * vpp)  # block: taken as the stage's first layers
+    return r * per_layer[False] + sum(full[k] for k in kinds[r:]), (max(full.values()) if r else 0.0)
 
 
 def rollout_memory(m, f: Facts, r, c, cl, train_states_gb: float) -> dict:
@@ -214,7 +235,7 @@ def rollout_memory(m, f: Facts, r, c, cl, train_states_gb: float) -> dict:
         per_token = f.layers * 2 * max(1, g // r.tp) * d * c.kv_cache_bytes
     tokens = max(0, int(kv_bytes // per_token))
     engine_tokens = tokens * r.dp  # each attention-DP rank caches its own sequences
-    resident = 0.0 if c.offload_train_states_in_rollout else train_states_gb
+    resident = train_states_gb  # what stays on the GPU after the rollout offload (train_memory's states_gb)
     return {
         "tp": r.tp, "dp": r.dp, "expert_parallel": r.ep,
         "params": params, "weights_gb": weights / GB, "budget_gb": budget / GB,

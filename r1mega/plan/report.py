@@ -25,17 +25,22 @@ def _table(con: Console, title: str, *cols: str) -> Table:
     return t
 
 
+def _count(n: float, nd: int = 1) -> str:
+    """Parameters in B, or in M below 1B (a proxy model is not "0.0B")."""
+    return f"{n / 1e9:.{nd}f}B" if n >= 1e9 else f"{n / 1e6:.{nd}f}M"
+
+
 def render(r: dict, gpu_memory_gb: float, console: Console | None = None) -> None:
     con = console or Console(width=120)
     m = r["model"]
-    con.print(f"[bold]r1mega plan[/]: {m['name']} ({m['total_params'] / 1e9:.1f}B total, "
-              f"{m['active_params'] / 1e9:.1f}B active) on {r['num_gpus']} x {r['cluster']}")
+    con.print(f"[bold]r1mega plan[/]: {m['name']} ({_count(m['total_params'])} total, "
+              f"{_count(m['active_params'])} active) on {r['num_gpus']} x {r['cluster']}")
     con.print(f"training layout ({r['layout_source']}): {r['layout']}   rollout ({r['rollout_source']}): "
               f"{r['rollout_layout'] or 'none'}")
 
     tm = r["train_memory"]
     t = _table(con, f"Training memory per GPU: worst stage {tm['stage']} ({tm['layers']} layers)", "component", "GB", "note")
-    t.add_row("weights", _f(tm["weights_gb"]), f"{tm['params'] / 1e9:.2f}B params on this GPU")
+    t.add_row("weights", _f(tm["weights_gb"]), f"{_count(tm['params'], 2)} params on this GPU")
     t.add_row("gradients", _f(tm["grads_gb"]), "fp32 main_grad")
     t.add_row("optimizer", _f(tm["optimizer_gb"]), f"sharded over DP={tm['dp']}, expert DP={tm['expert_dp']}")
     t.add_row("fp8 weight copies", _f(tm["fp8_copies_gb"]), "model.fp8")

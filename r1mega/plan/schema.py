@@ -46,8 +46,10 @@ class PlannerConfig:
     ref_on_gpu: bool = False  # False: reference weights wait in host memory between forwards
 
     # Memory choices (megatron-core names).
-    recompute: str = "selective"  # none | selective | full (recompute_granularity; full = uniform, 1 layer)
+    recompute: str = "selective"  # none | selective | full (recompute_granularity)
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # for selective
+    recompute_method: str = "uniform"  # for full: uniform | block (megatron-core's meanings)
+    recompute_num_layers: int = 1  # for full: layers per checkpointed chunk (uniform) / per stage (block)
     optimizer_offload_fraction: float = 0.0  # optimizer_cpu_offload + optimizer_offload_fraction
     offload_train_states_in_rollout: bool = True  # weights/grads/optimizer to host while vLLM runs
 

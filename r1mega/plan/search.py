@@ -64,7 +64,7 @@ def best_rollout(m, f, c, cl, world: int, dtype: str, util: float):
         if rollout_problems(m, rol, world):
             continue
         rm = rollout_memory(m, f, rol, c, cl, 0.0)
-        if rm["kv_tokens_per_engine"] < c.seq_length:
+        if rm["kv_tokens_per_gpu"] < c.seq_length:  # one sequence's KV on one attention-DP rank
             continue
         t = rollout_time(m, f, rol, rm, c, cl, world)["rollout_s"]
         if best is None or t < best[0]:

@@ -78,6 +78,28 @@ def apply() -> None:
     _without_transformer_engine()
     _gloo_all_to_all_with_list_splits()
     _distributed_optimizer_load_with_torch_adam()
+    _recompute_without_cuda_rng()
+
+
+def _recompute_without_cuda_rng() -> None:
+    """Activation recompute (`parallel.recompute_granularity`): megatron's `CheckpointFunction` saves
+    and restores the CUDA RNG state around each recomputed chunk: `AssertionError: Torch not compiled
+    with CUDA enabled` (tensor_parallel/random.py:55 `_get_cuda_rng_state`). A CPU process has no CUDA
+    generator; the CPU state (torch.get_rng_state) and the RNG tracker's states are still restored.
+    The recomputed forward runs inside autograd's backward, where `_CudaToCpu` is not active:
+    `AssertionError: Torch not compiled with CUDA enabled` from the local attention's causal mask
+    (transformer/utils.py:35 `torch.ones(sq, sq, device="cuda")`); run it under the mode."""
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    original = megatron_random.CheckpointFunction.backward
+
+    def backward(ctx, *args):
+        with _CudaToCpu():
+            return original(ctx, *args)
+
+    megatron_random.CheckpointFunction.backward = staticmethod(backward)
 
 
 def _gloo_all_to_all_with_list_splits() -> None:
