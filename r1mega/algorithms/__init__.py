@@ -1,10 +1,10 @@
 """GRPO (R1 paper 2.2.1): group advantages, the clipped objective with k3 KL, and vocab-parallel
 log-probs. `conf/algorithm/grpo.yaml` holds the defaults (schema `algorithm/grpo_schema`)."""
 from r1mega.algorithms.advantages import group_advantages, overlong_filter, zero_variance_groups
-from r1mega.algorithms.grpo import LOSS_AGG, GRPOConfig, grpo_loss, register_configs
+from r1mega.algorithms.grpo import LOSS_AGG, GRPOConfig, grpo_loss, loss_normalizer, reduce_stats, register_configs
 from r1mega.algorithms.logprobs import vocab_parallel_logprobs
 
 register_configs()
 
-__all__ = ["LOSS_AGG", "GRPOConfig", "group_advantages", "grpo_loss", "overlong_filter", "register_configs",
+__all__ = ["LOSS_AGG", "GRPOConfig", "group_advantages", "grpo_loss", "loss_normalizer", "overlong_filter", "reduce_stats", "register_configs",
            "vocab_parallel_logprobs", "zero_variance_groups"]

@@ -19,38 +19,56 @@ class GRPOConfig:
     clip_eps_high: float = 0.2  # ... rho <= 1 + eps_high; DAPO clip-higher: 0.28
     dual_clip_c: Optional[float] = None  # for A < 0 the objective is at least c * A (verl: 3.0); None = off
     kl_coef: float = 0.001  # beta (R1 paper)
-    ref_update_interval: Optional[int] = 400  # steps between ref <- policy (R1 paper); None = fixed ref
+    ref_update_optimizer_steps: Optional[int] = 400  # optimizer steps between reference <- policy (R1 paper: 400); None = fixed reference
     loss_agg: str = "seq_mean_token_mean"  # one of LOSS_AGG; paper: mean over tokens, then over outputs
-    norm_length: Optional[int] = None  # Dr.GRPO's constant divisor (max response length); None = padded length
+    norm_length: Optional[int] = None  # Dr.GRPO's constant divisor, tokens; None = the rollout's max_response_tokens
     std_normalize: bool = True  # divide advantages by the group std; False = Dr.GRPO
     adv_eps: float = 1e-6  # added to the group std
     ppo_epochs: int = 1  # passes over each rollout batch (R1 paper: one inner epoch)
     num_mini_batches: int = 16  # optimizer steps per rollout batch (R1 paper: 8,192 outputs in 16)
     dynamic_sampling: bool = False  # drop zero-variance groups and refill (DAPO)
     overlong_filter: bool = False  # zero loss weight for truncated outputs (DAPO)
+    # Weight of the multi-token-prediction loss (mean MTP NLL over response tokens) added to the update
+    # on a model with MTP layers. 0 = off: the MTP layer then never runs in RL and its weights stay as
+    # trained. RL frameworks (verl, NeMo-RL) drop MTP: the GRPO objective has no MTP term, and on the
+    # policy's own samples it only keeps the MTP head in step with the policy (for speculative decoding).
+    mtp_loss_coef: float = 0.0
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(group="algorithm", name="grpo_schema", node=GRPOConfig)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: Optional[int]) -> torch.Tensor:
-    """Reduce `[B, T]` to a scalar. Sequence means run over outputs with at least one token, so
-    outputs removed by overlong filtering do not dilute the rest."""
+def loss_normalizer(response_mask: torch.Tensor, mode: str) -> float:
+    """This batch's contribution to the loss normaliser of `mode`: response tokens (`token_mean`) or
+    outputs with at least one response token (the sequence means). `response_mask`: `[B, T]`. Sum it
+    over the whole mini-batch (every microbatch, every data-parallel rank) for `grpo_loss`."""
+    if mode not in LOSS_AGG:
+        raise ValueError(f"loss_agg={mode!r}; expected one of {LOSS_AGG}")
     if mode == "token_mean":
-        return _masked_mean(per_token, mask)
+        return float(response_mask.sum())
+    return float((response_mask.sum(-1) > 0).sum())
+
+
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: Optional[int],
+               normalizer: float) -> torch.Tensor:
+    """Sum `[B, T]` over this batch's tokens (token_mean) or per-output values (sequence means), divided
+    by the mini-batch's global `normalizer`. Outputs with no response token (overlong-filtered) add 0
+    and are not counted, so they do not dilute the rest."""
     token_sum = (per_token * mask).sum(-1)
-    if mode == "seq_mean_token_mean":
-        per_seq = token_sum / mask.sum(-1).clamp(min=1)
+    if mode == "token_mean":
+        total = token_sum.sum()
+    elif mode == "seq_mean_token_mean":
+        total = (token_sum / mask.sum(-1).clamp(min=1)).sum()
     elif mode == "seq_mean_token_sum_norm":
-        per_seq = token_sum / (norm_length or mask.size(-1))
+        total = (token_sum / (norm_length or mask.size(-1))).sum()
     else:
         raise ValueError(f"loss_agg={mode!r}; expected one of {LOSS_AGG}")
-    return _masked_mean(per_seq, (mask.sum(-1) > 0).to(per_seq.dtype))
+    return total / max(normalizer, 1.0)
+
+
+# Per-token quantities `grpo_loss` reports as sums over response tokens (means after `reduce_stats`).
+TOKEN_STATS = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "ratio_mean", "ref_kl", "entropy")
 
 
 def grpo_loss(
@@ -59,16 +77,26 @@ def grpo_loss(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     cfg: GRPOConfig,
+    normalizer: Optional[float] = None,
     ref_logp: Optional[torch.Tensor] = None,
     entropy: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss to minimise, -(clipped surrogate - beta * KL), and detached metrics.
+    """This batch's share of the loss to minimise, -(clipped surrogate - beta * KL), and its stats.
 
     `logp`, `old_logp`, `ref_logp`, `entropy`, `response_mask`: `[B, T]`; `advantages`: `[B]`, one
     per output (eq. 3), applied to each of its tokens. Only `logp` carries gradient. `ref_logp` is
     required when `cfg.kl_coef` is not 0.
+
+    `normalizer`: the mini-batch's global count (`loss_normalizer` summed over every microbatch and
+    data-parallel rank of the optimizer step), so that the shares of all microbatches and ranks add up
+    to the mini-batch loss whatever the packing; None = this batch is the whole mini-batch.
+
+    Stats (detached): for each name in `TOKEN_STATS` its sum over response tokens, `tokens` (their
+    count), and `ratio_max`; `reduce_stats` turns those of many batches and ranks into means and a max.
     """
     mask = response_mask.to(logp.dtype)
+    if normalizer is None:
+        normalizer = loss_normalizer(mask, cfg.loss_agg)
     adv = advantages.detach().to(logp.dtype).unsqueeze(-1)
     ratio = (logp - old_logp.detach()).exp()
     clipped = ratio.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)
@@ -87,24 +115,40 @@ def grpo_loss(
         per_token = per_token + cfg.kl_coef * kl
     elif cfg.kl_coef != 0:
         raise ValueError(f"kl_coef={cfg.kl_coef} needs ref_logp")
-    loss = _aggregate(per_token, mask, cfg.loss_agg, cfg.norm_length)
+    loss = _aggregate(per_token, mask, cfg.loss_agg, cfg.norm_length, normalizer)
 
     with torch.no_grad():
-        seq_valid = mask.sum(-1) > 0
-        seq_adv = advantages.detach()[seq_valid].to(torch.float64)
-        metrics = {
-            "clip_frac_low": _masked_mean(((ratio < 1 - cfg.clip_eps_low) & (adv < 0)).to(mask.dtype), mask),
-            "clip_frac_high": _masked_mean(((ratio > 1 + cfg.clip_eps_high) & (adv > 0)).to(mask.dtype), mask),
-            "dual_clip_frac": _masked_mean(dual.to(mask.dtype), mask),
+        per_token_stats = {
+            "clip_frac_low": (ratio < 1 - cfg.clip_eps_low) & (adv < 0),
+            "clip_frac_high": (ratio > 1 + cfg.clip_eps_high) & (adv > 0),
+            "dual_clip_frac": dual,
             # KL(pi_old || pi) by k3 on the rollout's tokens: how far this update moved the policy.
-            "approx_kl": _masked_mean(ratio - 1 - ratio.log(), mask),
-            "ratio_mean": _masked_mean(ratio, mask),
-            "ratio_max": ratio.masked_fill(mask == 0, float("-inf")).max(),
-            "adv_mean": seq_adv.mean() if seq_adv.numel() else seq_adv.new_zeros(()),
-            "adv_std": seq_adv.std(correction=0) if seq_adv.numel() else seq_adv.new_zeros(()),
+            "approx_kl": ratio - 1 - ratio.log(),
+            "ratio_mean": ratio,
+            "ref_kl": kl,
+            "entropy": entropy,
         }
-        if kl is not None:
-            metrics["ref_kl"] = _masked_mean(kl, mask)
-        if entropy is not None:
-            metrics["entropy"] = _masked_mean(entropy.to(mask.dtype), mask)
-    return loss, {k: v.detach() for k, v in metrics.items()}
+        stats = {k: (v.to(mask.dtype) * mask).sum() for k, v in per_token_stats.items() if v is not None}
+        stats["tokens"] = mask.sum()
+        stats["ratio_max"] = ratio.masked_fill(mask == 0, float("-inf")).max() if mask.numel() else mask.new_tensor(float("-inf"))
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def reduce_stats(stats: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:
+    """Token means of `TOKEN_STATS` and the max ratio over the `grpo_loss` stats of many batches,
+    summed (max) over the ranks of process group `group` too when it is given (a collective: every
+    rank of `group` calls it, with or without stats of its own)."""
+    names = list(TOKEN_STATS)
+    rows = [[float(s.get(k, 0.0)) for k in names] + [float(k in s) for k in names] + [float(s["tokens"])] for s in stats]
+    sums = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else torch.zeros(2 * len(names) + 1, dtype=torch.float64)
+    top = torch.tensor(max((float(s["ratio_max"]) for s in stats), default=float("-inf")), dtype=torch.float64)
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    tokens = sums[-1].item()
+    out = {k: sums[i].item() / tokens for i, k in enumerate(names) if sums[len(names) + i] > 0 and tokens > 0}
+    if tokens > 0:
+        out["ratio_max"] = top.item()
+    return out

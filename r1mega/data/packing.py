@@ -42,12 +42,18 @@ def _bins(lengths: list[int], max_tokens: int, min_bins: int) -> list[list[int]]
         else:
             bins.append([i])
             room.append(max_tokens - lengths[i])
-    # Split the fullest bins until there are at least `min_bins` (e.g. one per pipeline microbatch).
+    # Split the fullest bins until there are at least `min_bins` (e.g. one per pipeline microbatch);
+    # with too few samples to split, padding-only bins make up the count.
     while len(bins) < min_bins and any(len(b) > 1 for b in bins):
         b = max((b for b in bins if len(b) > 1), key=lambda b: sum(lengths[i] for i in b))
         bins.remove(b)
         bins += [b[0::2], b[1::2]]
-    return [sorted(b) for b in bins]
+    return [sorted(b) for b in bins] + [[] for _ in range(min_bins - len(bins))]
+
+
+def num_microbatches(lengths: list[int], max_tokens: int, min_microbatches: int = 1) -> int:
+    """How many microbatches `pack` makes of samples with these lengths (no samples: `min_microbatches`)."""
+    return max(len(_bins(lengths, max_tokens, 1)), min_microbatches)
 
 
 def block_causal_mask(lengths: list[int], total: int) -> torch.Tensor:
@@ -77,9 +83,9 @@ def pack(
         mb_lengths = [lengths[i] for i in b]
         used = sum(mb_lengths)
         fields = {}
-        for key in samples[b[0]]:
+        for key, like in samples[0].items():
             parts = [samples[i][key] for i in b]
-            pad = torch.full((total - used,), pad_id if key == "tokens" else 0, dtype=parts[0].dtype)
+            pad = torch.full((total - used,), pad_id if key == "tokens" else 0, dtype=like.dtype)
             fields[key] = torch.cat([*parts, pad])[None]
         fields["position_ids"] = torch.cat([torch.arange(n) for n in mb_lengths] + [torch.arange(total - used)])[None]
         starts = torch.tensor([0, *mb_lengths]).cumsum(0)
@@ -108,3 +114,46 @@ def segments_to_padded(values: torch.Tensor, placement: list[tuple[int, int, int
     """`[num_samples, max_len]` view of a packed row (differentiable), zero-padded on the right."""
     parts = unpack(values, placement)
     return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)
+
+
+def dp_shares(lengths: list[int], group_size: int, dp: int) -> list[list[int]]:
+    """Sample indices of each of `dp` data-parallel ranks: whole groups (consecutive `group_size`
+    samples), longest group first to the rank with the fewest tokens so far (ties: lowest rank), each
+    share in sample order. Deterministic, so every rank computes every rank's share."""
+    groups = [list(range(i, min(i + group_size, len(lengths)))) for i in range(0, len(lengths), group_size)]
+    load, shares = [0] * dp, [[] for _ in range(dp)]
+    for grp in sorted(groups, key=lambda grp: -sum(lengths[i] for i in grp)):
+        r = min(range(dp), key=lambda k: (load[k], k))
+        shares[r] += grp
+        load[r] += sum(lengths[i] for i in grp)
+    return [sorted(share) for share in shares]
+
+
+def pack_dp_share(
+    samples: list[dict[str, torch.Tensor]],
+    max_tokens: int,
+    dp_rank: int,
+    dp: int,
+    group_size: int = 1,
+    pad_to_multiple: int = 1,
+    thd: bool = False,
+    min_microbatches: int = 1,
+) -> Packed:
+    """Data-parallel rank `dp_rank`'s share of `samples` (`dp_shares`: whole groups, balanced by
+    tokens), packed into as many microbatches as the rank that needs the most (expert-parallel
+    all-to-alls pair microbatches across DP ranks), padding-only ones where needed. Placement indices
+    refer to `samples`; a rank with no sample packs one all-zero token of index -1 (zero it out of
+    the loss by its zero mask). Raises ValueError without samples."""
+    if not samples:
+        raise ValueError("pack_dp_share: no samples")
+    lengths = [len(s["tokens"]) for s in samples]
+    shares = dp_shares(lengths, group_size, dp)
+    count = max(num_microbatches([lengths[i] for i in share], max_tokens, min_microbatches) for share in shares)
+    mine = shares[dp_rank]
+    parts = [samples[i] for i in mine] or [{k: v[:1] * 0 for k, v in samples[0].items()}]
+    index = mine or [-1]
+    packed = pack(parts, max_tokens, pad_to_multiple=pad_to_multiple, thd=thd, min_microbatches=count)
+    packed.placement = [[(index[i], start, n) for i, start, n in place] for place in packed.placement]
+    if not mine:
+        packed.real_tokens = 0
+    return packed

@@ -109,6 +109,25 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """`[obj of rank 0, obj of rank 1, ...]` on every rank (`[obj]` in a single process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def data_parallel() -> tuple[int, int, object]:
+    """(this rank's data-parallel rank, DP size, megatron's DP group or None) — (0, 1, None) without
+    megatron's parallel state or in a DP group of one."""
+    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        return 0, 1, None
+    size = parallel_state.get_data_parallel_world_size()
+    group = parallel_state.get_data_parallel_group() if size > 1 else None
+    return parallel_state.get_data_parallel_rank(), size, group
+
+
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -13,7 +13,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from r1mega.models.build import DTYPES, build_model
 
-# loss_fn(output, batch) -> (loss summed over tokens, number of tokens, metrics to report)
+# loss_fn(output, batch) -> (loss, count, metrics to report). The step minimises the sum of `loss` over
+# all microbatches and data-parallel (x context-parallel) ranks, divided by the sum of `count` over the
+# same when that is positive (megatron's `calculate_per_token_loss`). A loss already divided by a
+# global normaliser (every r1mega loss: the GRPO and SFT steps pass the step's global token or
+# sequence count) returns count 0: megatron then sums shares and divides nothing.
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
@@ -31,6 +35,9 @@ class MegatronEngine:
         self.cfg = cfg
         chunks = _build_chunks(cfg, build_fn)
         self.config = chunks[0].config
+        # No per-microbatch mean, no DP average: see LossFn. (DDP reads this flag at construction.)
+        self.config.calculate_per_token_loss = True
+        self.aux_loss_coeff = self.config.moe_aux_loss_coeff
         self.optimizer = self.scheduler = None
         if trainable:
             ddp_config = DistributedDataParallelConfig(
@@ -84,46 +91,108 @@ class MegatronEngine:
         loss_fn: LossFn,
         forward_only: bool = False,
         with_labels: bool = False,
+        mtp_loss_coef: float = 0.0,
+        mtp_mask_key: str = "loss_mask",
     ) -> list[dict]:
         """Run megatron's schedule over `microbatches` (dicts of [b, s] tensors: tokens, position_ids,
-        optional attention_mask / packed_seq_params (`r1mega.data.packing`) and labels). Returns the metrics dicts of the last pipeline stage."""
+        optional attention_mask / packed_seq_params (`r1mega.data.packing`) and labels). Returns the metrics dicts of the last pipeline stage.
+
+        MTP loss: with `mtp_loss_coef` > 0 on a model with MTP layers, in a training pass, the step's
+        loss gains `mtp_loss_coef` x the MTP NLL (mean over depths) averaged over the step's MTP loss
+        tokens: the positions of `batch[mtp_mask_key]` (`target` holds the next tokens), over all
+        microbatches and data-parallel ranks (`_mtp_loss_mask`). The model still returns the main
+        logits; each metrics dict gains `mtp_nll_sum` and `mtp_tokens` (this microbatch, all depths).
+        Otherwise the MTP block does not run."""
+        mtp = mtp_loss_coef > 0 and bool(self.config.mtp_num_layers) and not forward_only
+        if mtp:
+            # megatron's per-token mode adds factor / depth x (MTP NLL summed over tokens) per
+            # microbatch and depth, summed over microbatches and DP ranks: divide by the global count.
+            depth = self.config.mtp_num_layers
+            count = torch.tensor(sum(float(_mtp_loss_mask(mb, mtp_mask_key, depth).sum()) for mb in microbatches),
+                                 dtype=torch.float64)
+            if _dp_size() > 1:
+                from megatron.core import parallel_state
+
+                torch.distributed.all_reduce(count, group=parallel_state.get_data_parallel_group())
+            scaling_factor = self.config.mtp_loss_scaling_factor
+            # Read by GPTModel._postprocess at every forward (MultiTokenPredictionBlock caches a copy it never uses).
+            self.config.mtp_loss_scaling_factor = mtp_loss_coef * depth / max(count.item(), 1.0)
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
             labels = batch["labels"] if with_labels else None
+            extra = {}
+            if mtp:  # PolicyGPTModel: MTP loss injected, main logits returned
+                labels, extra = batch["target"], {"mtp_loss_mask": _mtp_loss_mask(batch, mtp_mask_key, depth)}
             output = model(
                 batch["tokens"],
                 batch["position_ids"],
                 batch.get("attention_mask"),
                 labels=labels,
                 packed_seq_params=batch.get("packed_seq_params"),
+                **extra,
             )
-            return output, partial(_loss_wrapper, loss_fn, batch)
+            wrapper = partial(_loss_wrapper, loss_fn, batch)
+            stats = getattr(getattr(model, "module", model), "mtp_stats", None) if mtp else None
+            return output, (partial(_with_metrics, wrapper, stats) if stats else wrapper)
 
         mb = microbatches[0]["tokens"]
         vpp = len(self.model)
         data = [iter(microbatches) for _ in range(vpp)] if vpp > 1 else iter(microbatches)
         for c in self.model:
             c.train(not forward_only)
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=data,
-            model=self.model if vpp > 1 else self.model[0],
-            num_microbatches=len(microbatches),
-            seq_length=mb.shape[1],
-            micro_batch_size=mb.shape[0],
-            forward_only=forward_only,
-        )
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=data,
+                model=self.model if vpp > 1 else self.model[0],
+                num_microbatches=len(microbatches),
+                seq_length=mb.shape[1],
+                micro_batch_size=mb.shape[0],
+                forward_only=forward_only,
+            )
+        finally:
+            if mtp:
+                self.config.mtp_loss_scaling_factor = scaling_factor
 
-    def train_step(self, microbatches: list[dict], loss_fn: LossFn, with_labels: bool = False) -> dict:
-        """One optimizer step over `microbatches`: zero grads, forward/backward, finalize, step."""
+    def train_step(self, microbatches: list[dict], loss_fn: LossFn, with_labels: bool = False,
+                   mtp_loss_coef: float = 0.0, mtp_mask_key: str = "loss_mask") -> dict:
+        """One optimizer step over `microbatches`: zero grads, forward/backward, finalize, step.
+        Every data-parallel rank must pass the same number of microbatches (expert-parallel
+        all-to-alls pair them up across DP ranks)."""
         for c in self.model:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        metrics = self.forward_backward(microbatches, loss_fn, with_labels=with_labels)
+        # megatron's per-token mode sums the MoE aux loss over microbatches and DP ranks: scale its
+        # coefficient so it stays the mean over them, as in megatron's default mode.
+        self.config.moe_aux_loss_coeff = self.aux_loss_coeff / (len(microbatches) * _dp_size())
+        try:
+            metrics = self.forward_backward(microbatches, loss_fn, with_labels=with_labels,
+                                            mtp_loss_coef=mtp_loss_coef, mtp_mask_key=mtp_mask_key)
+        finally:
+            self.config.moe_aux_loss_coeff = self.aux_loss_coeff
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
         return {"metrics": metrics, "grad_norm": grad_norm, "update_successful": ok, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def offload_train_state(self) -> None:
+        """While a colocated rollout engine runs: free the gradient buffers and, on GPU, move the
+        optimizer state to host memory (megatron-core's RL offload APIs,
+        `DistributedDataParallel.offload_grad_buffers`, `MegatronOptimizer.offload_to_cpu`). The
+        weights stay: the weight sync reads them. `reload_train_state` undoes it (gradients zeroed)."""
+        cuda = self.cfg.platform.device == "cuda"
+        for c in self.model:
+            c.offload_grad_buffers(synchronize=cuda, empty_cache=cuda)
+        if cuda:  # CPU: the optimizer state is in host memory already
+            self.optimizer.offload_to_cpu()
+
+    def reload_train_state(self) -> None:
+        """Undo `offload_train_state` before training (a no-op when nothing is offloaded)."""
+        cuda = self.cfg.platform.device == "cuda"
+        if cuda:
+            self.optimizer.restore_from_cpu()
+        for c in self.model:
+            c.restore_grad_buffers(synchronize=cuda)
 
     def named_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter]]:
         for i, c in enumerate(self.model):
@@ -132,6 +201,29 @@ class MegatronEngine:
                 yield (f"chunk{i}.{name}" if len(self.model) > 1 else name), p
 
 
+def _dp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+
+
 def _loss_wrapper(loss_fn: LossFn, batch: dict, output: torch.Tensor):
     loss, num_tokens, metrics = loss_fn(output, batch)
     return loss, num_tokens.to(torch.int), metrics
+
+
+def _mtp_loss_mask(batch: dict, key: str, depth: int) -> torch.Tensor:
+    """`batch[key]` without the first `depth` positions of each sequence (position ids < depth).
+    megatron rolls the mask (and labels) left once per MTP depth: depth k's term at position t is
+    counted by mask[t + k]. Without packed_seq_params (CPU packing) the roll crosses sequence
+    boundaries, and those terms at a sequence's last positions would predict the next sequence's
+    tokens. Depth 1 (DeepSeek-V3): exactly those terms go (a first position's own term is dropped by
+    the roll anyway); deeper: also depth-k terms at a sequence's first positions, where SFT and RL
+    masks are 0 (prompt) unless the loss covers the prompt."""
+    return batch[key].float() * (batch["position_ids"] >= depth)
+
+
+def _with_metrics(wrapper, extra: dict, output: torch.Tensor):
+    loss, num_tokens, metrics = wrapper(output)
+    return loss, num_tokens, {**metrics, **extra}
+

@@ -4,27 +4,35 @@ prompts → rollout (vLLM, G samples each) → rule rewards → group advantages
 → reference and old-policy log-probs → clipped-ratio updates with k3 KL (megatron schedules)
 → weight sync into the engine.
 
-Every rank runs `step`; the rollout engine may live on rank 0 only (CPU), whose samples and
-rewards are broadcast. Per-token fields are in "prediction" coordinates: position t of a
-sequence predicts token t+1, so a response occupies positions [len(prompt)-1, len-2].
+Data parallelism divides the work: the rollout's prompts are split across the rollout replicas
+(GPU: one per vLLM tensor-parallel group; CPU: the one engine on rank 0), each scores its own whole
+groups, and every rank receives all samples (advantages need whole groups; the mini-batch's loss
+normaliser is then known exactly on every rank, no collective). Each mini-batch is assigned to the
+data-parallel ranks by whole groups, balanced by tokens: a trained token is trained on exactly one DP
+rank, and megatron sums the ranks' shares of the loss (`MegatronEngine`'s loss contract).
+
+Per-token fields are in "prediction" coordinates: position t of a sequence predicts token t+1, so a
+response occupies positions [len(prompt)-1, len-2].
 """
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from r1mega.algorithms import GRPOConfig, group_advantages, grpo_loss, vocab_parallel_logprobs, zero_variance_groups
-from r1mega.data.packing import Packed, pack, segments_to_padded
+from r1mega.algorithms import (GRPOConfig, group_advantages, grpo_loss, loss_normalizer, reduce_stats,
+                                vocab_parallel_logprobs, zero_variance_groups)
+from r1mega.config.steps import max_response_tokens, refreshes_reference
+from r1mega.data.packing import Packed, pack_dp_share, segments_to_padded
 from r1mega.models.moe_load import load_balance, record_expert_load
-from r1mega.parallel.state import broadcast_object
+from r1mega.parallel.state import all_gather_object, data_parallel
 from r1mega.rewards import RewardManager
 from r1mega.rollout.colocate import Colocation
-from r1mega.rollout.engine import RequestOutput
+from r1mega.rollout.engine import RequestOutput, call_seed
 from r1mega.rollout.sync import WeightSync
 
 
@@ -71,7 +79,13 @@ class GRPOTrainer:
         self.reward_model = reward_model
         self.algo: GRPOConfig = OmegaConf.to_object(cfg.algorithm)
         self.reward = RewardManager(cfg.reward) if engine is not None else None
-        self.colocation = Colocation(engine, WeightSync(cfg.model, cfg.parallel, cfg.rollout))
+        # Colocated rollouts: gradients and optimizer state leave the GPU while the engine runs.
+        offload = getattr(cfg.recipe, "offload_train_state", True)
+        self.colocation = Colocation(engine, WeightSync(cfg.model, cfg.parallel, cfg.rollout),
+                                     offload=policy.offload_train_state if offload else None,
+                                     reload=policy.reload_train_state if offload else None)
+        if offload:  # the first rollout comes before any training
+            policy.offload_train_state()
         self.thd = cfg.platform.transformer_engine
         self.ref_step = 0  # the policy step the reference model holds
         # GPU: the reference lives in host memory except while it runs (`_reference_on_device`)
@@ -81,12 +95,15 @@ class GRPOTrainer:
                 c.to("cpu")
 
     # -- one step ----------------------------------------------------------------------------------
-    def step(self, step: int) -> dict:
+    def step(self, rollout: int) -> dict:
+        """Rollout `rollout` (0-based) and its `num_mini_batches x ppo_epochs` optimizer steps."""
         algo, timer = self.algo, PhaseTimer()
+        # Dr.GRPO's divisor must not depend on packing: default to the rollout's generation limit.
+        self.loss_cfg = replace(algo, norm_length=algo.norm_length or max_response_tokens(self.cfg.recipe, algo, rollout))
 
         # 1-3. prompts → rollout → rewards (dynamic sampling refills zero-variance groups)
         with timer("rollout_and_reward"):
-            samples = self._collect(step)
+            samples = self._collect(rollout)
         rewards = torch.tensor([s.scores["total"] for s in samples])
 
         # 4. group-normalised advantages, one per output
@@ -94,7 +111,7 @@ class GRPOTrainer:
         for s, a in zip(samples, adv.tolist()):
             s.advantage = a
 
-        # 5. mini-batches (whole groups), each packed into microbatches
+        # 5. mini-batches (whole groups), each DP rank's token-balanced share packed into microbatches
         self.colocation.to_training()
         minibatches = [self._pack(part) for part in _split(samples, algo.num_mini_batches, algo.group_size)]
 
@@ -108,20 +125,19 @@ class GRPOTrainer:
 
         # 7. policy update: ppo_epochs passes, one optimizer step per mini-batch
         with timer("train"):
-            updates = [self.policy.train_step(mb.microbatches, self._loss) for _ in range(algo.ppo_epochs)
-                       for mb in minibatches]
+            updates = [self._update(mb) for _ in range(algo.ppo_epochs) for mb in minibatches]
 
-        # 8. weight sync; the reference follows the policy every `ref_update_interval` steps
+        # 8. weight sync; the reference follows the policy every `ref_update_optimizer_steps`
         with timer("sync"):
             self.colocation.to_rollout(self.policy.model)
-        if algo.ref_update_interval and (step + 1) % algo.ref_update_interval == 0:
-            self.refresh_reference(step + 1)
+        if refreshes_reference(algo, rollout):
+            self.refresh_reference(rollout + 1)
 
         return self._metrics(samples, minibatches, updates, loads, timer)
 
     # -- rollout and rewards -------------------------------------------------------------------------
     def _collect(self, step: int) -> list[Sample]:
-        g, want = self.algo.group_size, self.cfg.recipe.prompts_per_step
+        g, want = self.algo.group_size, self.cfg.recipe.prompts_per_rollout
         idx = self.prompts.batch(step, want)
         samples: list[Sample] = []
         for attempt in range(1 + 3 * self.algo.dynamic_sampling):
@@ -139,18 +155,32 @@ class GRPOTrainer:
         return samples[: want * g] or drawn  # nothing kept: train on the last draw (zero advantages)
 
     def _rollout(self, idx: list[int], step: int, attempt: int) -> list[Sample]:
+        """Samples of prompts `idx` (in order) on every rank: each rollout replica generates and scores
+        its contiguous share of the prompts, and the replicas' samples are gathered."""
         r = self.cfg.recipe
-        payload = None
+        replica, replicas, reports = self._replica()
+        payload = []
         if self.engine is not None:
+            mine = idx[replica * len(idx) // replicas:(replica + 1) * len(idx) // replicas]
+            seed = call_seed(self.cfg.platform.seed, step, attempt, replica)
             outs = self.engine.generate(
-                [self.prompts.ids[i] for i in idx], n=self.algo.group_size, temperature=r.temperature, top_p=r.top_p,
-                max_tokens=self.max_response_tokens(step), seed=self.cfg.platform.seed + 7919 * step + 104729 * attempt,
+                [self.prompts.ids[i] for i in mine], n=self.algo.group_size, temperature=r.temperature, top_p=r.top_p,
+                max_tokens=max_response_tokens(r, self.algo, step), seed=seed,
             )
-            payload = self._score(idx, outs)
-        samples = broadcast_object(payload)
+            payload = self._score(mine, outs) if reports else []
+        samples = [s for part in all_gather_object(payload) for s in part]
         if self.reward_model is not None:
             self._score_reward_model(samples)
         return samples
+
+    def _replica(self) -> tuple[int, int, bool]:
+        """(this rank's rollout replica, number of replicas, whether it reports the replica's samples).
+        CPU: one engine, on rank 0. GPU: every rank holds a shard of the engine of its vLLM
+        tensor-parallel group (consecutive ranks, `rollout.tensor_parallel_size` each)."""
+        if self.cfg.platform.device == "cpu" or not dist.is_initialized():
+            return 0, 1, self.engine is not None
+        tp = self.cfg.rollout.tensor_parallel_size
+        return dist.get_rank() // tp, dist.get_world_size() // tp, dist.get_rank() % tp == 0
 
     def _score_reward_model(self, samples: list[Sample]) -> None:
         """The reward-model term next to the rule rewards: one batched (packed) pass over prompt +
@@ -175,30 +205,24 @@ class GRPOTrainer:
             s.scores = scores
         return samples
 
-    def max_response_tokens(self, step: int) -> int:
-        limit = self.cfg.recipe.max_response_tokens
-        for from_step, tokens in sorted(self.cfg.recipe.response_length_schedule.items()):
-            if step >= int(from_step):
-                limit = tokens
-        return limit
-
     # -- packing and log-probs -----------------------------------------------------------------------
     def _pack(self, samples: list[Sample]) -> Packed:
+        """This DP rank's share of mini-batch `samples` (whole groups, balanced by tokens), packed;
+        every microbatch carries the mini-batch's global loss normaliser."""
         par = self.cfg.parallel
         fields = [s.fields(self.algo.overlong_filter) for s in samples]
-        packed = pack(fields, self.cfg.recipe.train_max_tokens,
-                      pad_to_multiple=par.tensor_model_parallel_size if par.sequence_parallel else 1,
-                      thd=self.thd, min_microbatches=par.pipeline_model_parallel_size)
-        # The loss normaliser spans the mini-batch: sequences (sequence means) or tokens (token mean).
-        if self.algo.loss_agg == "token_mean":
-            counts = [float(mb["resp_mask"].sum()) for mb in packed.microbatches]
-        else:
-            counts = [float(sum(fields[i]["resp_mask"].sum() > 0 for i, _, _ in place)) for place in packed.placement]
-        total = max(sum(counts), 1.0)
-        for mb, place, count in zip(packed.microbatches, packed.placement, counts):
-            mb["placement"] = place
-            mb["advantages"] = torch.tensor([samples[i].advantage for i, _, _ in place])
-            mb["weight"] = torch.tensor(count / total * len(packed.microbatches))
+        normalizer = sum(loss_normalizer(f["resp_mask"][None], self.algo.loss_agg) for f in fields)
+        dp_rank, dp, _ = data_parallel()
+        packed = pack_dp_share(fields, self.cfg.recipe.train_max_tokens, dp_rank, dp, group_size=self.algo.group_size,
+                               pad_to_multiple=par.tensor_model_parallel_size if par.sequence_parallel else 1,
+                               thd=self.thd, min_microbatches=par.pipeline_model_parallel_size)
+        for mb, place in zip(packed.microbatches, packed.placement):
+            # A padding-only microbatch trains as one fully masked row.
+            mb["placement"] = place or [(-1, 0, mb["tokens"].shape[1])]
+            mb["advantages"] = torch.tensor([samples[i].advantage if i >= 0 else 0.0 for i, _, _ in mb["placement"]])
+            mb["normalizer"] = normalizer
+        packed.response_tokens = sum(float(fields[i]["resp_mask"].sum()) for place in packed.placement
+                                     for i, _, _ in place if i >= 0)
         return packed
 
     def _logprobs(self, engine, minibatches: list[Packed], key: str) -> None:
@@ -208,22 +232,30 @@ class GRPOTrainer:
 
         def loss_fn(logits, batch):
             logp, _ = vocab_parallel_logprobs(logits, batch["target"], temperature)
-            return logits.sum() * 0.0, torch.tensor(1), {"logp": logp.detach()}
+            return logits.sum() * 0.0, torch.tensor(0), {"logp": logp.detach()}
 
         for mb in minibatches:
             for micro, out in zip(mb.microbatches, engine.forward_backward(mb.microbatches, loss_fn, forward_only=True)):
                 micro[key] = out["logp"]
 
+    def _update(self, minibatch: Packed) -> dict:
+        """One optimizer step on this rank's share of a mini-batch (with the MTP loss when
+        `algorithm.mtp_loss_coef` > 0, over response tokens)."""
+        return self.policy.train_step(minibatch.microbatches, self._loss, mtp_loss_coef=self.algo.mtp_loss_coef,
+                                      mtp_mask_key="resp_mask")
+
     def _loss(self, logits: torch.Tensor, batch: dict):
+        """This microbatch's share of the mini-batch loss (divided by the global normaliser; megatron
+        sums shares over microbatches and DP ranks, see `MegatronEngine`) and its stats."""
         logp, entropy = vocab_parallel_logprobs(logits, batch["target"], self.cfg.recipe.temperature)
         place = batch["placement"]
         padded = lambda x: segments_to_padded(x, place)  # noqa: E731  [num_seqs, longest]
-        loss, metrics = grpo_loss(
-            padded(logp), padded(batch["old_logp"]), batch["advantages"], padded(batch["resp_mask"]), self.algo,
+        loss, stats = grpo_loss(
+            padded(logp), padded(batch["old_logp"]), batch["advantages"], padded(batch["resp_mask"]), self.loss_cfg,
+            normalizer=batch["normalizer"],
             ref_logp=padded(batch["ref_logp"]) if "ref_logp" in batch else None, entropy=padded(entropy),
         )
-        # megatron divides by num_tokens (1) and the microbatch count: `weight` restores the mini-batch mean
-        return loss * batch["weight"], torch.tensor(1), {**metrics, "weight": batch["weight"].clone()}
+        return loss, torch.tensor(0), {**stats, "loss": loss.detach().clone()}
 
     @contextmanager
     def _reference_on_device(self):
@@ -258,12 +290,20 @@ class GRPOTrainer:
         m["response_length/mean"], m["response_length/max"] = lengths.mean().item(), lengths.max().item()
         m["response_length/clipped_frac"] = sum(s.truncated for s in samples) / len(samples)
         m["zero_variance_group_frac"] = zero_variance_groups(totals, self.algo.group_size).float().mean().item()
+        # Advantages of the outputs that train (overlong-filtered ones do not): all samples, every rank.
+        adv = torch.tensor([s.advantage for s in samples if not (self.algo.overlong_filter and s.truncated)],
+                           dtype=torch.float64)
+        if adv.numel():
+            m["loss/adv_mean"], m["loss/adv_std"] = adv.mean().item(), adv.std(correction=0).item()
         real = sum(p.real_tokens for p in minibatches)
         m["packing_efficiency"] = real / max(sum(p.total_tokens for p in minibatches), 1)
         m["grad_norm"] = sum(float(u["grad_norm"] or 0.0) for u in updates) / len(updates)
         m["lr"] = updates[-1]["lr"]
+        m["optimizer_steps"] = len(updates)
         m.update(_last_stage_metrics(minibatches, updates, gap=self.cfg.recipe.temperature == 1.0))
         m.update(load_balance(_sum_over_ranks(loads)))
+        # This DP rank's response tokens per pass over the rollout (rank-local, not gathered).
+        m["dp/local_response_tokens"] = sum(p.response_tokens for p in minibatches)
         t = timer.seconds
         generated = lengths.sum().item()
         for phase, sec in t.items():
@@ -282,40 +322,35 @@ def _split(samples: list[Sample], parts: int, group_size: int) -> list[list[Samp
 
 
 def _sum_over_ranks(loads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return loads
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, loads)
     out: dict[str, torch.Tensor] = {}
-    for d in gathered:
+    for d in all_gather_object(loads):
         for k, v in d.items():
             out[k] = out[k] + v if k in out else v
     return out
 
 
 def _last_stage_metrics(minibatches: list[Packed], updates: list[dict], gap: bool) -> dict:
-    """Loss metrics (weighted over microbatches) and the train–inference log-prob gap, computed on
-    the last pipeline stage and shared with every rank. The engine reports raw log-probs, so the gap
-    is only measured at sampling temperature 1."""
-    m: dict[str, float] = {}
-    sums: dict[str, float] = {}
-    weight = 0.0
-    for u in updates:
-        for mm in u["metrics"] or []:
-            w = float(mm["weight"])
-            weight += w
-            for k, v in mm.items():
-                if k != "weight":
-                    sums[k] = sums.get(k, 0.0) + w * float(v)
-    m.update({f"loss/{k}": v / weight for k, v in sums.items()} if weight else {})
+    """Loss stats (token means over every microbatch of every DP rank, the true max ratio, the mean
+    loss per optimizer step) and the train–inference log-prob gap, computed on the last pipeline stage
+    and shared with every rank. The engine reports raw log-probs, so the gap is only measured at
+    sampling temperature 1."""
+    _, _, group = data_parallel()
+    stats = [mm for u in updates for mm in u["metrics"] or []]
+    m = {f"loss/{k}": v for k, v in reduce_stats(stats, group).items()}
     gaps = [((mb["old_logp"] - mb["engine_logp"]).abs() * mb["resp_mask"], mb["resp_mask"])
             for p in minibatches for mb in p.microbatches if gap and "old_logp" in mb]
-    if gaps:
-        n = sum(mask.sum() for _, mask in gaps).clamp(min=1)
-        m["logprob_gap/mean"] = (sum(g.sum() for g, _ in gaps) / n).item()
-        m["logprob_gap/max"] = max(g.max() for g, _ in gaps).item()
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return m
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, m)
-    return max(gathered, key=len)
+    sums = torch.tensor([sum(float(mm["loss"]) for mm in stats), sum(float(g.sum()) for g, _ in gaps),
+                         sum(float(mask.sum()) for _, mask in gaps),
+                         sum(float(mm.get("mtp_nll_sum", 0.0)) for mm in stats),
+                         sum(float(mm.get("mtp_tokens", 0.0)) for mm in stats)], dtype=torch.float64)
+    top = torch.tensor(max((float(g.max()) for g, _ in gaps), default=0.0), dtype=torch.float64)
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    if stats:
+        m["loss/total"] = sums[0].item() / len(updates)  # each optimizer step's loss is a sum of shares
+    if sums[2] > 0:
+        m["logprob_gap/mean"], m["logprob_gap/max"] = (sums[1] / sums[2]).item(), top.item()
+    if sums[4] > 0:  # algorithm.mtp_loss_coef > 0: the MTP head's mean NLL over response tokens
+        m["loss/mtp"] = (sums[3] / sums[4]).item()
+    return max(all_gather_object(m), key=len)

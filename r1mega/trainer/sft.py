@@ -5,10 +5,10 @@ positions that predict response tokens (or every token with `loss_on_prompt`, i.
 pretraining). Samples are packed into `max_tokens` microbatches with per-sequence attention
 boundaries, so a packed batch gives each sequence the loss it would have alone.
 
-The loss of a step is the mean NLL over all its loss tokens, however they are packed: each
-microbatch's NLL sum is scaled by (microbatches x DP ranks / loss tokens in the whole step), which
-undoes megatron's per-microbatch division and DDP's average over data-parallel ranks. With DP > 1
-each DP rank trains on its share of the step's samples.
+The loss of a step is the mean NLL over all its loss tokens, however they are packed and divided:
+each microbatch's NLL sum is divided by the step's global loss-token count (all samples, every DP
+rank), and megatron sums those shares over microbatches and DP ranks (`MegatronEngine`'s loss
+contract). Each DP rank trains on its token-balanced share of the step's samples.
 
 `train_sft` runs a stage: epochs over rows rendered by `r1mega.data.chat` (`rows_to_samples`),
 logging loss, grad norm, lr, packing efficiency and tokens/s like the RL loop.
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from r1mega.algorithms import vocab_parallel_logprobs
-from r1mega.data.packing import pack
+from r1mega.data.packing import pack_dp_share
 
 
 @dataclass
@@ -65,16 +65,13 @@ def rows_to_samples(rows: list[dict], tokenizer, template: str = "r1", max_token
 
 
 def lm_loss(logits: torch.Tensor, batch: dict):
-    """NLL over masked positions. With `loss_scale` in the batch (sft_step sets it) the returned loss is
-    pre-normalised over the whole step (megatron gets 1 token); without, megatron divides by its tokens."""
+    """This microbatch's share of the step's mean NLL over masked positions: its NLL sum divided by
+    `batch["normalizer"]`, the step's global loss-token count (`sft_step` sets it)."""
     logp, _ = vocab_parallel_logprobs(logits, batch["target"])
     mask = batch["loss_mask"]
     nll = -(logp * mask).sum()
-    tokens = mask.sum()
-    metrics = {"nll_sum": nll.detach().clone(), "tokens": tokens.detach().clone()}  # clones: megatron divides in place
-    if "loss_scale" in batch:
-        return nll * batch["loss_scale"], torch.ones((), dtype=torch.int), metrics
-    return nll, tokens, metrics
+    metrics = {"nll_sum": nll.detach().clone(), "tokens": mask.sum().detach().clone()}
+    return nll / batch["normalizer"], torch.tensor(0), metrics
 
 
 def num_steps(num_samples: int, cfg: SFTConfig) -> int:
@@ -107,21 +104,19 @@ def with_schedule(run_cfg, cfg: SFTConfig, num_samples: int):
 def sft_step(engine, samples: list[dict], max_tokens: int, thd: bool = False) -> dict:
     """One optimizer step over `samples`; returns loss (mean NLL per token over the step), grad norm, lr,
     packing efficiency and this rank's real tokens."""
-    from megatron.core import parallel_state as ps
+    from r1mega.parallel.state import data_parallel
 
     par = engine.cfg.parallel
-    dp = ps.get_data_parallel_world_size()
-    shard = dp > 1 and len(samples) >= dp  # else every DP rank trains on all samples (identical grads)
-    mine = samples[ps.get_data_parallel_rank()::dp] if shard else samples
-    packed = pack(mine, max_tokens, pad_to_multiple=par.tensor_model_parallel_size if par.sequence_parallel else 1,
-                  thd=thd, min_microbatches=par.pipeline_model_parallel_size)
-    total = torch.tensor(sum(float(mb["loss_mask"].sum()) for mb in packed.microbatches), dtype=torch.float64)
-    if shard:
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-    scale = len(packed.microbatches) * (dp if shard else 1) / max(total.item(), 1.0)
+    dp_rank, dp, _ = data_parallel()
+    packed = pack_dp_share(samples, max_tokens, dp_rank, dp,
+                           pad_to_multiple=par.tensor_model_parallel_size if par.sequence_parallel else 1,
+                           thd=thd, min_microbatches=par.pipeline_model_parallel_size)
+    normalizer = max(sum(float(s["loss_mask"].sum()) for s in samples), 1.0)  # every rank holds all samples
     for mb in packed.microbatches:
-        mb["loss_scale"] = torch.tensor(scale, dtype=torch.float32)
-    out = engine.train_step(packed.microbatches, lm_loss)
+        mb["normalizer"] = normalizer
+    # With MTP layers, DeepSeek-V3's MTP loss over the same loss tokens, weighted by lambda.
+    mtp_coef = engine.cfg.model.mtp_loss_scaling_factor if engine.cfg.model.mtp_num_layers else 0.0
+    out = engine.train_step(packed.microbatches, lm_loss, mtp_loss_coef=mtp_coef, mtp_mask_key="loss_mask")
     sums = torch.zeros(2, dtype=torch.float64)  # (NLL, tokens) of the last stage's microbatches
     for m in out["metrics"]:
         sums += torch.stack([m["nll_sum"].double(), m["tokens"].double()])
@@ -129,7 +124,19 @@ def sft_step(engine, samples: list[dict], max_tokens: int, thd: bool = False) ->
         dist.all_reduce(sums)  # TP copies count in both sums alike; non-last stages add zeros
     loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
     return {"loss": loss, "grad_norm": out["grad_norm"], "lr": out["lr"],
-            "packing_efficiency": packed.efficiency, "tokens": packed.real_tokens}
+            "packing_efficiency": packed.efficiency, "tokens": packed.real_tokens,
+            **({"mtp_loss": mtp_loss(out["metrics"])} if mtp_coef > 0 else {})}
+
+
+def mtp_loss(metrics: list[dict]) -> float:
+    """Mean MTP NLL per loss token (over depths) of a step, from the engine's per-microbatch
+    `mtp_nll_sum` / `mtp_tokens` (last pipeline stage; collective over the world like the loss)."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    for m in metrics or []:
+        sums += torch.stack([m["mtp_nll_sum"].double(), m["mtp_tokens"].double()])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)  # TP copies count in both sums alike; non-last stages add zeros
+    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
 
 def train_sft(engine, samples: list[dict], cfg: SFTConfig, logger=None, start_step: int = 0,
