@@ -17,6 +17,11 @@ MODELS = {
     "tiny_dense": ["model=tiny_dense"],
     "tiny_llama": ["model=tiny_dense", "model.name=tiny_llama", "model.arch=llama", "model.add_qkv_bias=false",
                    "model.untie_embeddings_and_output_weights=true"],
+    # DeepSeek-V3's structure (YaRN x40 with mscale, 256 experts, 8 groups / top-4); transformers builds
+    # no MTP layer, so the logits comparison is without it (test_dsv3_proxy_mtp_round_trip_ep2 has it).
+    "dsv3_proxy": ["model=dsv3_proxy", "model.mtp_num_layers=0"],
+    # mscale != mscale_all_dim: YaRN's cos/sin scaling (mscale / mscale_all_dim) must agree too.
+    "dsv3_proxy_mscale": ["model=dsv3_proxy", "model.mtp_num_layers=0", "model.mscale=0.8"],
 }
 
 
@@ -129,7 +134,7 @@ def test_import_export_one_process(model, tmp_path):
     assert (hf_logits(out, vocab) - ref).abs().max().item() <= TOL
 
 
-LAYOUTS = {"tiny_moe": ["tp2", "ep2", "pp2"], "tiny_dense": ["tp2", "pp2"]}
+LAYOUTS = {"tiny_moe": ["tp2", "ep2", "pp2"], "tiny_dense": ["tp2", "pp2"], "dsv3_proxy": ["ep2"]}
 
 
 @pytest.mark.parametrize("model", list(LAYOUTS))
@@ -325,3 +330,17 @@ def test_transformer_engine_name_plan():
     assert te["decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"] == ("model.layers.2.input_layernorm.weight",)
     assert te["decoder.layers.2.mlp.linear_fc1.layer_norm_weight"] == ("model.layers.2.post_attention_layernorm.weight",)
     assert not any(n.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight")) for n in te)
+
+
+def test_dsv3_proxy_mtp_round_trip_ep2():
+    """The full proxy (MTP layer with 256 experts split over EP2): export -> import changes nothing and
+    names the same HF tensors as at one process."""
+    import tempfile
+
+    overrides = ["model=dsv3_proxy"]
+    with tempfile.TemporaryDirectory() as d:
+        results = run_distributed(_mtp_round_trip, 2, overrides, "ep2", d + "/ep2")
+        assert all(r["same"] for r in results), "dsv3_proxy at EP2: export -> import changed a tensor"
+        plan = {n for _, names in results[0]["plan"] for n in names}
+        assert results[0]["hf_names"] == plan
+        assert "model.layers.4.mlp.experts.255.down_proj.weight" in plan and "model.layers.4.eh_proj.weight" in plan

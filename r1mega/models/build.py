@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+from megatron.core.transformer.multi_token_prediction import roll_tensor
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -51,14 +52,17 @@ def transformer_config(m, par, plat) -> TransformerConfig:
         # layout starts from the same dense weights.
         use_cpu_initialization=on_cpu,
         perform_initialization=True,
-        # Fused kernels are CUDA-only.
+        # Fused kernels are CUDA-only. The local spec's fused softmax needs apex's/megatron's compiled
+        # `scaled_masked_softmax_cuda` (its shape check imports it: ModuleNotFoundError in bf16 without it).
         bias_activation_fusion=not on_cpu,
         bias_dropout_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu and _fused_softmax_kernels(),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         deterministic_mode=plat.deterministic,
     )
+    # Activation recompute (parallel.recompute_*; validated in r1mega.config.validate).
+    kw.update({k: getattr(par, k, None) for k in ("recompute_granularity", "recompute_method", "recompute_num_layers")})
     if m.num_experts:
         pattern = [0] * m.first_k_dense_layers + [1] * (m.num_layers - m.first_k_dense_layers)
         kw.update(
@@ -78,7 +82,10 @@ def transformer_config(m, par, plat) -> TransformerConfig:
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_router_dtype="fp32",
             moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=not on_cpu,
+            # Grouped GEMM only through TE (TEGroupedMLP): without it megatron picks the legacy
+            # GroupedMLP, which needs the `grouped_gemm` package and has no HF mapping (hf_mapping
+            # knows SequentialMLP's and TEGroupedMLP's names).
+            moe_grouped_gemm=getattr(plat, "transformer_engine", False),
             moe_permute_fusion=False,
         )
     if m.mtp_num_layers:
@@ -112,17 +119,116 @@ def layer_spec(config: TransformerConfig, use_te: bool, vp_stage: int | None = N
     if not use_te:
         from r1mega.platform import cpu
 
+        # Without Transformer Engine installed, megatron's TE stubs make MLA and the MoE router
+        # believe it is (a TypeError / NameError on CPU and on a GPU without TE alike).
+        cpu._without_transformer_engine()
+        # The block's final norm is megatron's `LNImpl`: apex's FusedLayerNorm wherever apex is
+        # installed (NGC images), which refuses RMSNorm; its local layers use WrappedTorchNorm for RMSNorm.
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        spec.layer_norm = WrappedTorchNorm
         spec = cpu.adapt_local_spec(spec)
     return spec
 
 
+def _local_mtp_norms(mtp_spec, spec):
+    """megatron's local MTP spec takes its norms (enorm, hnorm, final) from the backend, not from the
+    decoder spec: the plain torch norm, which refuses sequence parallelism (`AssertionError: sequence
+    parallel not supported by torch LayerNorm when instantiating MultiTokenPredictionLayer` at TP2).
+    Use the decoder's (adapted) final-norm class."""
+    if mtp_spec is not None:
+        for layer in mtp_spec.layer_specs:
+            layer.submodules.enorm = layer.submodules.hnorm = layer.submodules.layer_norm = spec.layer_norm
+    return mtp_spec
+
+
+def _fused_softmax_kernels() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(k) is not None for k in ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
+
+
+class PolicyGPTModel(GPTModel):
+    """`GPTModel` that returns the main head's logits (`[b, s, V/tp]`) in every pass, with or without
+    multi-token prediction (MTP). r1mega's loss functions need logits (vocab-parallel log-probs,
+    entropy), but megatron-core 0.16.1's `_postprocess` with MTP configured needs `labels` (it clones
+    them for the MTP loss: `labels=None` raises AttributeError) and, given labels, returns the LM loss.
+
+    - `labels=None`: logits; the MTP block does not run (it only feeds a loss);
+    - `labels` and `mtp_loss_mask` (`[b, s]`, 1 where position t's next token is a loss token): the
+      MTP loss through megatron's own path (MTP block; labels and mask rolled one position per depth;
+      loss scaled by `config.mtp_loss_scaling_factor / mtp_num_layers` and injected into the backward
+      by `MTPLossAutoScaler`), and the main logits returned. `mtp_stats` then holds this forward's
+      detached MTP NLL sum and token count over all depths;
+    - `labels` alone: megatron's behaviour (per-token LM loss; with MTP, its loss over all tokens).
+    """
+
+    _logits_with_mtp_loss = False
+    _main_labels = None
+    _mtp_nll = None
+    mtp_stats: dict | None = None
+
+    def forward(self, *args, mtp_loss_mask=None, **kwargs):
+        if mtp_loss_mask is None:
+            return super().forward(*args, **kwargs)
+        self._logits_with_mtp_loss, self._mtp_nll = True, []
+        try:
+            return super().forward(*args, loss_mask=mtp_loss_mask, **kwargs)
+        finally:
+            self._logits_with_mtp_loss, self._mtp_nll = False, None
+
+    def _postprocess(self, *args, **kw):
+        if self.config.mtp_num_layers is None or not self.mtp_process:
+            return super()._postprocess(*args, **kw)
+        if kw["labels"] is None:
+            # Skip the MTP block; megatron gates its MTP loss on the config (not on labels), so the
+            # depth is hidden from it for this call.
+            kw["mtp_in_postprocess"] = False
+            depth, self.config.mtp_num_layers = self.config.mtp_num_layers, None
+            try:
+                return super()._postprocess(*args, **kw)
+            finally:
+                self.config.mtp_num_layers = depth
+        if not self._logits_with_mtp_loss:
+            return super()._postprocess(*args, **kw)
+        # megatron ends with the LM loss of these labels; r1mega's loss_fn computes its own from logits,
+        # so compute_language_model_loss returns the logits for exactly these labels (not the MTP ones).
+        self._main_labels = kw["labels"]
+        try:
+            logits = super()._postprocess(*args, **kw)
+        finally:
+            self._main_labels = None
+        self.mtp_stats = self._mtp_metrics(kw["loss_mask"], kw.get("packed_seq_params"))
+        return logits
+
+    def compute_language_model_loss(self, labels, logits):
+        if self._logits_with_mtp_loss and labels is self._main_labels:
+            return logits.transpose(0, 1).contiguous()  # [s, b, V/tp] -> [b, s, V/tp], as without labels
+        loss = super().compute_language_model_loss(labels, logits)
+        if self._logits_with_mtp_loss:
+            self._mtp_nll.append(loss.detach())  # one [b, s] per MTP depth, before megatron masks it
+        return loss
+
+    def _mtp_metrics(self, loss_mask, packed_seq_params) -> dict:
+        """The MTP NLL summed over the tokens megatron counts (its mask rolled once per depth)."""
+        nll_sum, tokens = 0.0, 0.0
+        for nll in self._mtp_nll:
+            loss_mask, n = roll_tensor(loss_mask, shifts=-1, dims=-1, cp_group=self.cp_group,
+                                       packed_seq_params=packed_seq_params)
+            nll_sum, tokens = nll_sum + (nll * loss_mask).sum(), tokens + n
+        return {"mtp_nll_sum": torch.as_tensor(nll_sum).detach().float(),
+                "mtp_tokens": torch.as_tensor(tokens).detach().float()}
+
+
 def build_model(m, par, plat, vp_stage: int | None = None) -> GPTModel:
-    """This rank's `GPTModel` (its pipeline stage), on `plat.device`."""
+    """This rank's `PolicyGPTModel` (its pipeline stage), on `plat.device`."""
     config = transformer_config(m, par, plat)
     use_te = plat.transformer_engine
     spec = layer_spec(config, use_te, vp_stage)
     mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=use_te, vp_stage=vp_stage) if m.mtp_num_layers else None
-    model = GPTModel(
+    if not use_te:
+        mtp_spec = _local_mtp_norms(mtp_spec, spec)
+    model = PolicyGPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=m.vocab_size,

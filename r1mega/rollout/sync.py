@@ -11,7 +11,12 @@ measures it). Each HF tensor is allocated once, in the engine dtype, and every r
 broadcast straight into it (gloo's all_gather would stage a second full copy, and gathering a fused
 megatron tensor before splitting it holds the whole fused tensor); a block that is not contiguous in
 the HF tensor (row-parallel splits) goes through a staging buffer of at most `stage_bytes`. Tensors
-that need no communication or conversion are handed over as views of the parameters."""
+that need no communication or conversion are handed over as views of the parameters.
+
+Multi-token prediction layers (HF `model.layers.{num_layers + k}.*`) are not sent: vLLM's
+DeepSeek-V3 `load_weights` drops them (`get_spec_layer_idx_from_weight_name`; only a separate MTP
+draft model for speculative decoding reads them, and the rollout engine runs none), and they are
+the largest layer plus copies of the embedding and output head."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -51,6 +56,11 @@ def target_dtypes(model_cfg, plan: list[PlanEntry], dtype: torch.dtype) -> dict[
     return {e.hf_name: torch.float32 if e.hf_name in kept else dtype for e in plan}
 
 
+def _mtp_prefixes(m) -> tuple[str, ...]:
+    """HF name prefixes of the MTP layers, which the sync skips (see the module docstring)."""
+    return tuple(f"model.layers.{m.num_layers + k}." for k in range(m.mtp_num_layers or 0))
+
+
 def _nbytes(e: PlanEntry, dtypes: dict[str, torch.dtype]) -> int:
     return torch.Size(e.shape).numel() * dtypes[e.hf_name].itemsize
 
@@ -62,7 +72,7 @@ class WeightSync:
         self.model_cfg = model_cfg
         self.dtype = engine_dtype(rollout_cfg.dtype)
         self.bucket_bytes = bucket_bytes or int(rollout_cfg.sync_bucket_mb * 2**20)
-        self.plan = export_plan(model_cfg, parallel_cfg)
+        self.plan = [e for e in export_plan(model_cfg, parallel_cfg) if not e.hf_name.startswith(_mtp_prefixes(model_cfg))]
         self.dtypes = target_dtypes(model_cfg, self.plan, self.dtype)
         self.buckets = plan_buckets(self.plan, self.bucket_bytes, self.dtypes)
         self.total_bytes = sum(_nbytes(e, self.dtypes) for e in self.plan)
@@ -164,6 +174,8 @@ def _stream_hf_tensors(chunks, m, dtypes: dict[str, torch.dtype], stage_bytes: i
         dist.all_gather_object(coords, me)
     stage = _Stage(stage_bytes, device)
     for item in hm._items(m):
+        if item.layer is not None and item.layer >= m.num_layers:
+            continue  # MTP: not sent (WeightSync's plan skips it on every rank alike)
         owner, ep = hm._owner(item, stages, config)
         everywhere = config.pipeline_model_parallel_size == 1 and (ep is None or config.expert_model_parallel_size == 1)
         src = None if everywhere else next(r for r, (p, e) in enumerate(coords) if p == owner and (ep is None or e == ep))
