@@ -52,3 +52,148 @@ def test_tiny_model_builds_to_its_analytic_size_and_learns(model):
     assert all(torch.isfinite(torch.tensor(r["losses"])))
     # Ten Adam steps on one fixed batch must fit it: the loss falls well below its start.
     assert r["losses"][-1] < 0.8 * r["losses"][0], r["losses"]
+
+
+# What `dsv3_proxy` may shrink; every other field must equal deepseek_v3_671b's (the preset's header).
+PROXY_SHRUNK = {"name", "hidden_size", "num_attention_heads", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+                "ffn_hidden_size", "num_layers", "vocab_size", "params_dtype"}
+
+
+def test_dsv3_proxy_keeps_every_structural_choice_of_deepseek_v3():
+    from omegaconf import OmegaConf
+
+    proxy = OmegaConf.to_container(compose(["model=dsv3_proxy"]).model)
+    full = OmegaConf.to_container(compose(["model=deepseek_v3_671b"]).model)
+    assert {k for k in full if proxy[k] != full[k]} <= PROXY_SHRUNK
+    # Shrunk in proportion where DeepSeek-V3 has a proportion: one shared expert of a routed expert's
+    # width, dense FFN = 9 x expert width; and at least one MoE layer after the 3 dense ones.
+    p = compose(["model=dsv3_proxy"]).model
+    assert p.moe_shared_expert_intermediate_size == p.moe_ffn_hidden_size and p.ffn_hidden_size == 9 * p.moe_ffn_hidden_size
+    assert p.num_layers > p.first_k_dense_layers == 3 and p.mtp_num_layers == 1
+    c = count_parameters(p)
+    assert c.total + c.mtp < 50e6, "the proxy must stay CPU-sized"
+
+
+def _build_proxy_and_train(parallel: str, steps: int) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from r1mega.parallel.state import init_distributed
+    from r1mega.trainer.engine import MegatronEngine
+
+    cfg = compose(["model=dsv3_proxy", f"parallel={parallel}", "optim.lr=1e-3"])
+    init_distributed(cfg.parallel, cfg.platform)
+    engine = MegatronEngine(cfg)
+    module = engine.model[0].module
+    numel = sum(p.numel() for p in module.parameters())
+    numel += sum(b.numel() for n, b in module.named_buffers() if n.endswith("expert_bias"))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=g)
+    batch = dict(tokens=tokens, labels=tokens.roll(-1, 1), position_ids=torch.arange(32).expand(2, 32))
+
+    def loss_fn(per_token_loss, b):  # the labels path: megatron's LM loss, plus its MTP loss with MTP
+        return per_token_loss.sum(), torch.tensor(per_token_loss.numel()), {"loss": per_token_loss.mean().detach()}
+
+    losses = [float(engine.train_step([batch], loss_fn, with_labels=True)["metrics"][0]["loss"]) for _ in range(steps)]
+    return {"numel": numel, "losses": losses, "ep": ps.get_expert_model_parallel_world_size()}
+
+
+@pytest.mark.parametrize("parallel", ["single", "ep2"])
+def test_dsv3_proxy_builds_to_its_analytic_size_and_trains(parallel):
+    """The proxy (256 experts, group-limited routing, YaRN MLA, MTP) builds and trains at 1 process
+    and EP2; each rank holds the analytic count (main model + MTP) less the other EP rank's experts."""
+    world = 1 if parallel == "single" else 2
+    results = run_distributed(_build_proxy_and_train, world, parallel, 4 if world == 1 else 2)
+    m = compose(["model=dsv3_proxy"]).model
+    c = count_parameters(m)
+    moe_layers = m.num_layers - m.first_k_dense_layers + m.mtp_num_layers
+    for r in results:
+        others = (r["ep"] - 1) * moe_layers * (m.num_experts // r["ep"]) * c.expert
+        assert r["numel"] == c.total + c.mtp - others
+        assert all(torch.isfinite(torch.tensor(r["losses"])))
+    if world == 1:
+        assert results[0]["losses"][-1] < 0.9 * results[0]["losses"][0], results[0]["losses"]
+
+
+# The R1-Zero loop on the proxy through the CLI (as tests/test_r1_zero.py runs it): the cheapest honest
+# base is a 2-step pretraining (the loop's mechanics, not learning, are under test here).
+PROXY_R1_ZERO = [
+    "recipe=r1_zero", "model=dsv3_proxy", "recipe.pretrain.steps=2", "recipe.pretrain.batch_size=16",
+    "recipe.pretrain.num_docs=500", "recipe.pretrain.tokenizer_docs=500", "data.arithmetic.num_heldout=16",
+    "recipe.prompts_per_rollout=4", "algorithm.group_size=4", "recipe.eval.k=2", "optim.lr=1e-3",
+    "recipe.rollouts=2", "recipe.save_every=2", "recipe.wandb=false", "algorithm.mtp_loss_coef=0.1",
+]
+
+
+@pytest.mark.parametrize("parallel", ["single", "ep2"])
+def test_dsv3_proxy_r1_zero_two_rollouts(parallel, tmp_path, cache_dir):
+    import json
+    import math
+    import subprocess
+    import sys
+
+    from tests.cli import cli_env
+
+    args = [*PROXY_R1_ZERO, f"parallel={parallel}", f"run_dir={tmp_path / 'run'}", f"recipe.cache_dir={cache_dir}"]
+    if parallel == "single":
+        cmd = [sys.executable, "-m", "r1mega", *args]
+    else:
+        from r1mega.parallel.state import free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+               "-m", "r1mega", *args]
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "r1_zero_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        for k, v in r.items():
+            assert isinstance(v, (int, float)) and math.isfinite(v), f"step {r['step']}: {k}={v!r}"
+    last = rows[-1]
+    assert last["loss/ref_kl"] > 1e-6, last  # the policy moved ...
+    assert last["logprob_gap/max"] < 1e-3, last  # ... and vLLM (YaRN, 256 experts) samples with the synced weights
+    assert "moe/load_max_over_mean/layer3" in last
+
+
+RECOMPUTE = {
+    "none": [],
+    "full_uniform": ["parallel.recompute_granularity=full", "parallel.recompute_method=uniform", "parallel.recompute_num_layers=1"],
+    "full_block": ["parallel.recompute_granularity=full", "parallel.recompute_method=block", "parallel.recompute_num_layers=2"],
+    "selective": ["parallel.recompute_granularity=selective"],
+}
+
+
+def _train_with_recompute(model: str) -> dict:
+    from r1mega.parallel.state import init_distributed, seed_everything
+    from r1mega.trainer.engine import MegatronEngine
+
+    out = {}
+    for i, (name, overrides) in enumerate(RECOMPUTE.items()):
+        cfg = compose([f"model={model}", "optim.lr=1e-3", *overrides])
+        if i == 0:
+            init_distributed(cfg.parallel, cfg.platform)
+        seed_everything(cfg.platform.seed, on_cpu=True)  # the same initial weights for every variant
+        engine = MegatronEngine(cfg)
+        assert engine.model[0].module.config.recompute_granularity == cfg.parallel.recompute_granularity
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=g)
+        batch = dict(tokens=tokens, labels=tokens.roll(-1, 1), position_ids=torch.arange(32).expand(2, 32))
+
+        def loss_fn(per_token_loss, b):
+            return per_token_loss.sum(), torch.tensor(per_token_loss.numel()), {"loss": per_token_loss.mean().detach()}
+
+        step = engine.train_step([batch], loss_fn, with_labels=True)  # grads enter the updated weights
+        out[name] = {"losses": [float(step["metrics"][0]["loss"])], "grad_norms": [float(step["grad_norm"])],
+                     "params": {n: p.detach().clone() for n, p in engine.named_parameters()}}
+    return out
+
+
+def test_activation_recompute_trains_to_the_same_loss_and_grads():
+    # parallel.recompute_* reach megatron's TransformerConfig; recomputing activations in backward
+    # (megatron's CheckpointFunction, patched for CPU in r1mega.platform.cpu) changes no number.
+    (r,) = run_distributed(_train_with_recompute, 1, "tiny_moe")
+    ref = r["none"]
+    for name in ("full_uniform", "full_block", "selective"):
+        assert r[name]["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-6), name
+        assert r[name]["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-6, abs=1e-6), name
+        for n, p in ref["params"].items():
+            torch.testing.assert_close(r[name]["params"][n], p, rtol=1e-6, atol=1e-6, msg=f"{name}: {n}")

@@ -1,10 +1,15 @@
 """Weight sync megatron-core → vLLM: seconds, GB/s against this machine's memcpy, and peak extra memory.
 
-    python tools/bench/weight_sync.py                                  # tiny_dense scaled to ~80 MB
-    python tools/bench/weight_sync.py model=tiny_moe model.num_layers=8 --bucket-mb 4
+    python tools/bench/weight_sync.py                                  # dsv3_proxy: DeepSeek-V3's structure, 95 MB synced
+    python tools/bench/weight_sync.py model=tiny_dense                 # Qwen2 shape scaled to ~80 MB
+    python tools/bench/weight_sync.py model=dsv3_proxy model.num_layers=8 --bucket-mb 4
 
-Positional arguments are config overrides (`r1mega.config.compose`); without any `model.*` override the
-preset is scaled up (DEFAULT_SCALE) so that the model is tens of MB. One run prints, for the same
+Positional arguments are config overrides (`r1mega.config.compose`). The default model is `dsv3_proxy`
+(MLA at DeepSeek-V3's ranks, 256 experts in its MoE layer; its MTP layer is not synced: vLLM drops it),
+so the sync moves DeepSeek-V3's tensor mix: 821 tensors, 768 of them small expert tensors (64 KB),
+next to 4.7 MB q_b projections.
+`tiny_dense`/`tiny_moe` without any `model.*` override are scaled up (DEFAULT_SCALE) so that the model
+is tens of MB. One run prints, for the same
 model: model bytes; sync seconds and GB/s into a real in-process vLLM (CPU) engine and into a null
 sink (the sync alone: gather, unshard, cast, bucketing; the tensors are dropped); the memcpy GB/s of
 this machine measured in the same run (`torch.clone` of a buffer of the model's size) and the ratios;
@@ -102,7 +107,7 @@ def main() -> None:
     from r1mega.trainer.engine import MegatronEngine
 
     overrides = list(args.overrides)
-    model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "tiny_dense")
+    model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "dsv3_proxy")
     if not any(o.startswith("model.") for o in overrides):
         overrides += DEFAULT_SCALE.get(model, [])
     cfg = compose([f"model={model}", "rollout=vllm_cpu"] + [o for o in overrides if not o.startswith("model=")])
