@@ -187,7 +187,12 @@ def test_evaluate_exact_values():
     done = []
     result = evaluate(engine, CharTokenizer(), ROWS, k=4, max_tokens=100, seed=3, max_model_len=prompt_len + 101,
                       chunk=2, progress=lambda *args: done.append(args))
-    assert engine.calls == [dict(n=4, temperature=0.6, top_p=0.95, max_tokens=100, seed=3)] * 2
+    # One independent stream per engine call (chunk), reproducible from the run's seed.
+    from r1mega.rollout.engine import call_seed
+
+    assert engine.calls == [dict(n=4, temperature=0.6, top_p=0.95, max_tokens=100, seed=call_seed(3, start))
+                            for start in (0, 2)]
+    assert len({c["seed"] for c in engine.calls}) == 2
     assert done == [(2, 3), (3, 3)]
     a, b = result.metrics["a"], result.metrics["b"]
     assert (a["problems"], a["skipped"], b["problems"], b["skipped"], b["skipped_ids"]) == (2, 0, 1, 1, ["b/4"])

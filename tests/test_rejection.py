@@ -85,7 +85,11 @@ def test_filters_reject_crafted_bad_samples_and_keep_good_ones(tmp_path):
     engine = FakeEngine(CRAFTED)
     counts = rejection_sample(engine, CharTokenizer(), ROWS, "r1", _rewards(), CFG, tmp_path / "kept.jsonl",
                               source="rl_reasoning", step=120, rejected_path=tmp_path / "rejected.jsonl")
-    assert len(engine.calls) == 2 and engine.calls[0] == dict(n=11, temperature=0.6, top_p=0.95, max_tokens=1024, seed=0)
+    from r1mega.rollout.engine import call_seed
+
+    assert len(engine.calls) == 2 and engine.calls[0] == dict(n=11, temperature=0.6, top_p=0.95, max_tokens=1024,
+                                                               seed=call_seed(0, 120, 0))
+    assert engine.calls[1]["seed"] == call_seed(0, 120, 1)  # one independent stream per call
     assert counts["generated"] == 22 and counts["prompts"] == 2 and counts["prompts_with_kept"] == 2
     assert counts["kept"] == 4
     assert counts["rejected"] == {"truncated": 1, "reward": 3, "language_mixing": 2, "long_paragraph": 1,

@@ -117,3 +117,28 @@ def test_sleep_and_wake_are_noops_on_cpu(served):
     engine.wake_up(["weights"])
     engine.wake_up(["kv_cache"])
     assert engine.prompt_logprobs([PROMPTS[1]]) == before
+
+
+def test_samples_are_independent_across_prompts_and_sample_indices(served):
+    """64 copies of one prompt x 4 samples at temperature 1: every draw is independent. vLLM's own
+    per-request seed gives sample j of every prompt the stream seed + j (all 64 copies would then agree
+    at each index, and a statistic of sample j would be 0 or 1 instead of binomial)."""
+    _, engine = served
+    outs = engine.generate([PROMPTS[0]] * 64, n=4, temperature=1.0, max_tokens=3, seed=7)
+    first = torch.tensor([[o.completions[j].token_ids[0] for j in range(4)] for o in outs])  # [64, 4]
+    assert len({tuple(o.completions[0].token_ids) for o in outs}) > 32  # copies do not replay one stream
+    low = (first < first.flatten().median()).double()  # a fair-ish coin per draw
+    p = low.mean().item()
+    bound = 4 * (p * (1 - p) / 64) ** 0.5  # 4 sigma of a per-index frequency of 64 independent draws
+    assert (low.mean(0) - p).abs().max().item() <= bound, low.mean(0)
+    again = engine.generate([PROMPTS[0]] * 64, n=4, temperature=1.0, max_tokens=3, seed=7)
+    assert [c.token_ids for o in again for c in o.completions] == [c.token_ids for o in outs for c in o.completions]
+
+
+def test_seeded_sampling_survives_chunked_prefill(served):
+    """40 prompts of 120 tokens (4,800 > vLLM's 4,096-token prefill chunk on CPU) in one seeded call:
+    vLLM's per-request seeds crashed here (`CPU Generator does not use offset`)."""
+    _, engine = served
+    prompts = [[0] + [(7 * i + t) % 300 + 1 for t in range(119)] for i in range(40)]
+    outs = engine.generate(prompts, n=2, temperature=1.0, max_tokens=2, seed=3)
+    assert [len(o.completions) for o in outs] == [2] * 40

@@ -32,6 +32,7 @@ from r1mega.data.chat import split_response
 from r1mega.data.jsonl import write_jsonl
 from r1mega.data.templates import render
 from r1mega.rewards import language
+from r1mega.rollout.engine import call_seed
 
 FILTERS = ("truncated", "reward", "language_mixing", "long_paragraph", "code_block", "duplicate", "over_cap")
 
@@ -145,7 +146,7 @@ def rejection_sample(engine, tokenizer, rows: list[dict], template: str, rewards
         for start in range(0, len(fits), cfg.batch_prompts):
             chunk = fits[start:start + cfg.batch_prompts]
             outs = engine.generate([ids[i] for i in chunk], n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   max_tokens=cfg.max_tokens, seed=cfg.seed)
+                                   max_tokens=cfg.max_tokens, seed=call_seed(cfg.seed, step or 0, start))
             batch = [(rows[i], j, c, tokenizer.decode(c.token_ids, skip_special_tokens=True))
                      for i, out in zip(chunk, outs) for j, c in enumerate(out.completions)]
             scores = manager.score([(row, text) for row, _, _, text in batch])

@@ -16,7 +16,7 @@ from r1mega.eval.metrics import cons_at_k, majority_vote, mean_pass_at_k
 from r1mega.rewards.format import format_reward
 from r1mega.rewards.math import accuracy, extract_answer
 from r1mega.rewards.pool import WorkerPool
-from r1mega.rollout.engine import RolloutEngine
+from r1mega.rollout.engine import RolloutEngine, call_seed
 
 FORMAT_STYLE = {"r1_zero": dict(style="r1_zero"), "r1": dict(style="r1", think_in_prompt=True)}
 
@@ -32,8 +32,9 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], template: str =
              temperature: float = 0.6, top_p: float = 0.95, max_tokens: int = 256, seed: int = 0,
              max_model_len: int | None = None, workers: int = 2, timeout_s: float = 10.0, chunk: int = 64,
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
-    """Evaluate `rows` ({id, problem, answer, data_source}); metrics are per data_source. `seed` goes
-    to the engine (vLLM draws sample j of every prompt with seed + j); `max_model_len` is the engine's.
+    """Evaluate `rows` ({id, problem, answer, data_source}); metrics are per data_source. Every sample
+    is an independent draw, reproducible from `seed` (one stream per engine call, `call_seed(seed,
+    first problem of the call)`); `max_model_len` is the engine's.
     Generation runs `chunk` problems per engine call, then calls `progress(problems done, total)`."""
     settings = dict(template=template, k=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                     seed=seed, max_model_len=max_model_len)
@@ -42,7 +43,7 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], template: str =
     outs = []
     for start in range(0, len(kept), chunk):
         outs += engine.generate([prompts[i] for i in kept[start:start + chunk]], n=k, temperature=temperature,
-                                top_p=top_p, max_tokens=max_tokens, seed=seed)
+                                top_p=top_p, max_tokens=max_tokens, seed=call_seed(seed, start))
         if progress is not None:
             progress(len(outs), len(kept))
     samples = []

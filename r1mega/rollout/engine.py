@@ -25,6 +25,16 @@ class RequestOutput:
     completions: list[Completion]  # n of them
 
 
+def call_seed(*parts: int) -> int:
+    """A 31-bit seed for one `generate` call, mixed from e.g. (run seed, step, chunk): distinct
+    calls get unrelated streams (a plain `seed + i` would make call i+1 of one run replay call i of
+    the next seed)."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(tuple(int(x) for x in parts)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
 class RolloutEngine(ABC):
     @abstractmethod
     def generate(
@@ -37,7 +47,10 @@ class RolloutEngine(ABC):
         stop: list[str] | None = None,
         seed: int | None = None,
     ) -> list[RequestOutput]:
-        """Sample `n` completions per prompt; outputs are in prompt order."""
+        """Sample `n` completions per prompt; outputs are in prompt order. With `seed`, every
+        (prompt, sample) draw of this call comes from one random stream seeded by it: independent
+        across prompts and samples, and the same call with the same seed gives the same outputs.
+        Callers pass a different seed per call (`call_seed`)."""
 
     @abstractmethod
     def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:

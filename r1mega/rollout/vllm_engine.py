@@ -58,9 +58,16 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompt_token_ids, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None):
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed, logprobs=0
-        )
+        # One engine-level stream per call, not vLLM's per-request `seed`: vLLM seeds sample j of every
+        # request with seed + j (sample j of all prompts would share one stream), and on CPU a seeded
+        # request whose prefill is chunked crashes (`RuntimeError: CPU Generator does not use offset`
+        # in gpu_model_runner._bookkeeping_sync, once a batch's prompts exceed max_num_batched_tokens).
+        # Unseeded requests draw from torch's default generator of this (in-process) worker.
+        if seed is not None:
+            torch.manual_seed(seed)
+            if torch.cuda.is_available():
+                torch.cuda.manual_seed_all(seed)
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, logprobs=0)
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params, use_tqdm=False)
         return [
             RequestOutput(
