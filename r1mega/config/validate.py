@@ -1,7 +1,10 @@
 """Cross-field rules checked before anything is built: one sentence per violation, naming the field."""
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Iterator, Optional
 
 ARCHS = ("deepseek_v3", "qwen2", "llama")
 FP8_RECIPES = ("blockwise", "delayed")
@@ -19,6 +22,357 @@ def world_size_of(parallel) -> int:
     if parallel.world_size is not None:
         return parallel.world_size
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+# -- Ranges: every field of every schema, declared once ------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """The allowed values of one field: a numeric range (`lo`/`hi`, open or closed ends) or a set of
+    `choices` (a tuple, or a function returning one, for choices that live in heavier modules).
+    None is always allowed here: a field that may not be None is typed without Optional, and
+    OmegaConf refuses None for it at composition. `why` is appended to the message in parentheses."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: object = None
+    why: str = ""
+    text: Optional[str] = None  # the clause of the message; derived from the bounds when None
+
+    def because(self, why: str) -> "Rule":
+        return Rule(self.lo, self.hi, self.lo_open, self.hi_open, self.choices, why, self.text)
+
+    def check(self, path: str, v, nullable: bool = False) -> Optional[str]:
+        tail = f" ({self.why})." if self.why else "."
+        if self.choices is not None:
+            choices = self.choices() if callable(self.choices) else self.choices
+            if v not in choices:
+                return f"{path}={v!r} is not one of {', '.join(map(str, choices))}{' or null' if nullable else ''}{tail}"
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return None  # the type is OmegaConf's business
+        ok = math.isfinite(v)
+        if self.lo is not None:
+            ok = ok and (v > self.lo if self.lo_open else v >= self.lo)
+        if self.hi is not None:
+            ok = ok and (v < self.hi if self.hi_open else v <= self.hi)
+        return None if ok else f"{path}={v} {self.text or self._clause()}{tail}"
+
+    def _clause(self) -> str:
+        if self.hi is None:
+            return f"must be {'above' if self.lo_open else 'at least'} {self.lo}"
+        return (f"must be in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}")
+
+
+def at_least(n: int) -> Rule:
+    return Rule(lo=n)
+
+
+POSITIVE_INT = Rule(lo=1, text="must be positive")  # counts and sizes
+POSITIVE = Rule(lo=0, lo_open=True, text="must be positive")  # rates, scales, epsilons
+NON_NEGATIVE = Rule(lo=0, text="must be non-negative")
+FRACTION = Rule(lo=0, hi=1)  # probabilities, shares
+TOP_P = Rule(lo=0, hi=1, lo_open=True)
+BETA = Rule(lo=0, hi=1, hi_open=True)  # Adam betas
+SEED = NON_NEGATIVE
+
+
+def one_of(*choices) -> Rule:
+    return Rule(choices=choices)
+
+
+def _loss_aggs():
+    from r1mega.algorithms.grpo import LOSS_AGG
+
+    return LOSS_AGG
+
+
+def _benchmarks():
+    from r1mega.eval.benchmarks import BENCHMARKS
+
+    return BENCHMARKS
+
+
+def _scripts():
+    from r1mega.rewards.language import SCRIPTS
+
+    return tuple(SCRIPTS)
+
+
+TEMPLATES = ("r1_zero", "r1")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+_SAMPLING = dict(temperature=POSITIVE.because("sampling needs temperature > 0; at 0 every sample of a prompt is the same"),
+                 top_p=TOP_P)
+_EVAL = dict(k=POSITIVE_INT, temperature=NON_NEGATIVE, top_p=TOP_P, max_tokens=POSITIVE_INT)
+_SCHEDULE = dict(lr=NON_NEGATIVE, min_lr=NON_NEGATIVE, lr_decay_style=one_of(*LR_DECAY_STYLES))
+_RL_RUN = dict(rollouts=at_least(1), prompts_per_rollout=at_least(1), max_prompt_tokens=POSITIVE_INT,
+               max_response_tokens=POSITIVE_INT, train_max_tokens=POSITIVE_INT, save_every=at_least(1),
+               keep_last=at_least(1), template=one_of(*TEMPLATES), **_SAMPLING)
+
+# Schema class name -> {field: rule}. A class gets the rules of its bases too (RLRecipeConfig those of
+# RecipeConfig); the walk finds each class wherever it sits (EvalConfig under recipe.eval and under
+# every RL stage). Names, not classes, so this module imports neither torch nor the recipes.
+# tests/test_validation.py checks that every numeric or enumerated field of every schema is here.
+RANGES: dict[str, dict[str, Rule]] = {
+    "ModelConfig": dict(
+        arch=one_of(*ARCHS), num_layers=POSITIVE_INT, hidden_size=POSITIVE_INT, ffn_hidden_size=POSITIVE_INT,
+        num_attention_heads=POSITIVE_INT, num_query_groups=POSITIVE_INT, kv_channels=POSITIVE_INT,
+        vocab_size=POSITIVE_INT, max_position_embeddings=POSITIVE_INT, rotary_base=POSITIVE, norm_epsilon=POSITIVE,
+        init_method_std=POSITIVE, q_lora_rank=POSITIVE_INT, kv_lora_rank=POSITIVE_INT, qk_head_dim=POSITIVE_INT,
+        qk_pos_emb_head_dim=POSITIVE_INT, v_head_dim=POSITIVE_INT, rope_type=one_of("rope", "yarn"),
+        rotary_scaling_factor=POSITIVE, original_max_position_embeddings=POSITIVE_INT, beta_fast=POSITIVE,
+        beta_slow=POSITIVE, mscale=NON_NEGATIVE, mscale_all_dim=NON_NEGATIVE, num_experts=POSITIVE_INT,
+        moe_ffn_hidden_size=POSITIVE_INT, moe_shared_expert_intermediate_size=POSITIVE_INT,
+        moe_router_topk=POSITIVE_INT, moe_router_score_function=one_of("softmax", "sigmoid"),
+        moe_router_bias_update_rate=NON_NEGATIVE, moe_router_num_groups=POSITIVE_INT,
+        moe_router_group_topk=POSITIVE_INT, moe_router_topk_scaling_factor=POSITIVE, moe_aux_loss_coeff=NON_NEGATIVE,
+        moe_router_load_balancing_type=one_of("none", "aux_loss", "seq_aux_loss", "global_aux_loss"),
+        first_k_dense_layers=NON_NEGATIVE, mtp_num_layers=NON_NEGATIVE, mtp_loss_scaling_factor=NON_NEGATIVE,
+        params_dtype=one_of("fp32", "bf16"), fp8=Rule(choices=FP8_RECIPES, text=None)),
+    "ParallelConfig": dict(
+        world_size=at_least(1), tensor_model_parallel_size=at_least(1), pipeline_model_parallel_size=at_least(1),
+        virtual_pipeline_model_parallel_size=at_least(1), num_layers_in_first_pipeline_stage=NON_NEGATIVE,
+        num_layers_in_last_pipeline_stage=NON_NEGATIVE, context_parallel_size=at_least(1),
+        expert_model_parallel_size=at_least(1), expert_tensor_parallel_size=at_least(1),
+        recompute_granularity=one_of("selective", "full"), recompute_method=one_of("uniform", "block"),
+        recompute_num_layers=at_least(1)),
+    "PlatformConfig": dict(device=one_of("cpu", "cuda"), backend=one_of("gloo", "nccl"), seed=SEED),
+    "RolloutConfig": dict(
+        tensor_parallel_size=at_least(1), data_parallel_size=at_least(1),
+        dtype=one_of("float32", "bfloat16", "float16", "fp8"), max_model_len=POSITIVE_INT,
+        gpu_memory_utilization=Rule(lo=0, hi=1, lo_open=True), kv_cache_space_gb=at_least(1),
+        sync_bucket_mb=at_least(1)),
+    "OptimConfig": dict(
+        weight_decay=NON_NEGATIVE, adam_beta1=BETA, adam_beta2=BETA, adam_eps=POSITIVE,
+        clip_grad=NON_NEGATIVE.because("0 turns clipping off"), lr_warmup_steps=NON_NEGATIVE,
+        lr_decay_steps=at_least(1), **_SCHEDULE),
+    "ArithmeticConfig": dict(max_operand=at_least(1), num_heldout=at_least(1), p_format=FRACTION,
+                             p_correct=FRACTION, seed=SEED),
+    "DataConfig": dict(source=one_of("arithmetic", "jsonl"), eval_limit=at_least(1)),
+    "PretrainConfig": dict(steps=at_least(1), batch_size=at_least(1), max_tokens=POSITIVE_INT, num_docs=at_least(1),
+                           lr=NON_NEGATIVE, min_lr=NON_NEGATIVE, warmup_steps=NON_NEGATIVE, tokenizer_docs=at_least(1)),
+    "EvalConfig": dict(every=NON_NEGATIVE.because("rollouts between evals; 0 = only before and after"), **_EVAL),
+    "RLRecipeConfig": dict(_RL_RUN),
+    "RLStageConfig": dict(_RL_RUN),
+    "SFTStageConfig": dict(steps=at_least(1), epochs=at_least(1), batch_size=at_least(1), max_tokens=POSITIVE_INT,
+                           warmup_steps=NON_NEGATIVE, save_every=at_least(1), keep_last=at_least(1), **_SCHEDULE),
+    "ColdStartConfig": dict(num_examples=at_least(1)),
+    "RewardModelTermConfig": dict(weight=Rule(), max_tokens=POSITIVE_INT),
+    "MixConfig": dict(num_synthetic=NON_NEGATIVE, ratio=POSITIVE, seed=SEED),
+    "RejectionSFTConfig": dict(num_prompts=at_least(1)),
+    "RejectionConfig": dict(k=at_least(1), m=at_least(1), max_tokens=POSITIVE_INT, seed=SEED, batch_prompts=at_least(1),
+                            min_total=Rule(), max_language_mixing=FRACTION, language=Rule(choices=_scripts),
+                            max_paragraph_chars=POSITIVE_INT, **_SAMPLING),
+    "R1RecipeConfig": dict(template=one_of(*TEMPLATES)),
+    "DistillRecipeConfig": dict(num_prompts=at_least(1), template=one_of(*TEMPLATES)),
+    "GRPOConfig": dict(
+        group_size=at_least(2).because("GRPO normalises rewards within a group"),
+        clip_eps_low=Rule(lo=0, hi=1, hi_open=True).because("the ratio is clipped below at 1 - clip_eps_low"),
+        clip_eps_high=NON_NEGATIVE, dual_clip_c=Rule(lo=1, lo_open=True).because("the dual clip bound is c > 1"),
+        kl_coef=NON_NEGATIVE, ref_update_optimizer_steps=at_least(1), loss_agg=Rule(choices=_loss_aggs),
+        norm_length=POSITIVE_INT, adv_eps=NON_NEGATIVE, ppo_epochs=at_least(1), num_mini_batches=at_least(1),
+        mtp_loss_coef=NON_NEGATIVE),
+    "RewardConfig": dict(workers=NON_NEGATIVE.because("0 grades inline"), timeout_s=POSITIVE),
+    "TermConfig": dict(weight=Rule()),
+    "SandboxConfig": dict(cpu_s=at_least(1), wall_s=POSITIVE, memory_mb=at_least(1), file_mb=at_least(1),
+                          nproc=at_least(1), output_kb=at_least(1), isolation=one_of("auto", "namespace", "audit")),
+    # The evaluation CLI (`python -m r1mega.eval`, r1mega.eval.config.EvalOptions).
+    "EvalOptions": dict(k=POSITIVE_INT, temperature=NON_NEGATIVE, top_p=TOP_P, max_tokens=POSITIVE_INT,
+                        limit=at_least(1).because("the first N problems of each benchmark"), template=one_of(*TEMPLATES),
+                        seed=SEED, workers=NON_NEGATIVE.because("0 grades inline"), timeout_s=POSITIVE),
+    # The planner (`python -m r1mega.plan`, r1mega.plan.schema).
+    "ClusterConfig": dict(gpu_memory_gb=POSITIVE, bf16_tflops=POSITIVE, fp8_tflops=POSITIVE, hbm_tbps=POSITIVE,
+                          nvlink_gbps=POSITIVE, network_gbps=POSITIVE, pcie_gbps=POSITIVE, gpus_per_node=at_least(1),
+                          host_memory_gb=POSITIVE),
+    "PlannerConfig": dict(
+        seq_length=POSITIVE_INT, prompt_length=POSITIVE_INT, global_batch_size=at_least(1), micro_batch_size=at_least(1),
+        optimizer_steps_per_rl_step=at_least(1), recompute=one_of("none", "selective", "full"),
+        recompute_method=one_of("uniform", "block"), recompute_num_layers=at_least(1),
+        optimizer_offload_fraction=FRACTION, param_bytes=POSITIVE, grad_bytes=POSITIVE, optimizer_bytes=POSITIVE,
+        fp8_weight_bytes=POSITIVE, activation_bytes=POSITIVE, fp8_activation_bytes=POSITIVE, logits_bytes=POSITIVE,
+        kv_cache_bytes=POSITIVE, reserved_gb=NON_NEGATIVE, rollout_activation_gb=NON_NEGATIVE,
+        rollout_max_num_seqs=at_least(1), host_memory_fraction=Rule(lo=0, hi=1, lo_open=True),
+        mfu=Rule(lo=0, hi=1, lo_open=True), prefill_mfu=Rule(lo=0, hi=1, lo_open=True),
+        decode_mfu=Rule(lo=0, hi=1, lo_open=True), hbm_efficiency=Rule(lo=0, hi=1, lo_open=True),
+        comm_efficiency=Rule(lo=0, hi=1, lo_open=True), comm_overlap=FRACTION, collective_latency_us=NON_NEGATIVE,
+        sync_efficiency=Rule(lo=0, hi=1, lo_open=True), top_k=at_least(1)),
+    "PlanConfig": dict(num_gpus=at_least(1), layout=one_of("given", "best"), rollout_layout=one_of("given", "best"),
+                       output=one_of("table", "json", "wandb")),
+}
+
+
+def _schema_of(node):
+    """The dataclass a config node was built from (None for plain dicts, lists, SimpleNamespaces)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        t = OmegaConf.get_type(node)
+        return t if t is not None and is_dataclass(t) else None
+    return type(node) if is_dataclass(node) and not isinstance(node, type) else None
+
+
+def _items(node) -> Iterator[tuple[str, object]]:
+    """(key, value) of a config node or dataclass instance; MISSING values are left out."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            if not OmegaConf.is_missing(node, k):
+                yield str(k), node[k]
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            if not OmegaConf.is_missing(node, i):
+                yield f"[{i}]", node[i]
+    elif is_dataclass(node) and not isinstance(node, type):
+        for f in fields(node):
+            yield f.name, getattr(node, f.name)
+
+
+def rules_of(cls) -> dict[str, Rule]:
+    rules: dict[str, Rule] = {}
+    for c in reversed(cls.__mro__):
+        rules.update(RANGES.get(c.__name__, {}))
+    return rules
+
+
+def range_problems(node, prefix: str = "") -> list[str]:
+    """Every field of `node` (a composed config or a schema dataclass instance) and of the schemas
+    below it against `RANGES`; one sentence per field out of range, named by its full path."""
+    from omegaconf import DictConfig, ListConfig
+
+    cls, p = _schema_of(node), []
+    rules = rules_of(cls) if cls is not None else {}
+    nullable = {f.name for f in fields(cls) if "Optional" in str(f.type)} if cls is not None else set()
+    for key, value in _items(node):
+        path = f"{prefix}{key}" if key.startswith("[") or not prefix else f"{prefix}.{key}"
+        if isinstance(value, (DictConfig, ListConfig)) or (is_dataclass(value) and not isinstance(value, type)):
+            p += range_problems(value, path)
+        elif key in rules and value is not None:
+            msg = rules[key].check(path, value, key in nullable)
+            if msg:
+                p.append(msg)
+    return p
+
+
+# -- Rules across fields (the ranges hold when these run) -------------------------------------------------
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+
+
+def _preset_problems(path: str, group: str, name) -> list[str]:
+    if name is None or os.path.isfile(os.path.join(CONF, group, f"{name}.yaml")):
+        return []
+    known = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml"))
+    return [f"{path}={name!r} is not a conf/{group} preset (known: {', '.join(known)})."]
+
+
+def _grpo_problems(algo, where: str, r, run: str) -> list[str]:
+    """GRPO knobs against each other and against the run `r` (a recipe or an RL stage) that uses them;
+    `where` is where the algorithm's fields are set (`algorithm`, or a stage's merged `algorithm`)."""
+    p = []
+    if algo.std_normalize and algo.adv_eps <= 0:
+        p.append(f"{where}.adv_eps={algo.adv_eps} must be positive while {where}.std_normalize=true "
+                 f"(a group whose rewards are all equal would divide 0 by 0).")
+    ppr, mb = int(r.prompts_per_rollout), int(algo.num_mini_batches)
+    if ppr % mb:
+        p.append(f"{run}.prompts_per_rollout={ppr} does not split into {where}.num_mini_batches={mb} mini-batches of "
+                 f"whole groups (each optimizer step trains on an equal share of the rollout's prompts, "
+                 f"{where}.group_size={algo.group_size} outputs each); use a multiple of {mb}.")
+    return p
+
+
+def _lr_problems(node, where: str) -> list[str]:
+    lr, min_lr = node.get("lr"), node.get("min_lr")
+    if lr is not None and min_lr is not None and min_lr > lr:
+        return [f"{where}.min_lr={min_lr} must not exceed {where}.lr={lr} (the schedule decays from lr to min_lr)."]
+    return []
+
+
+def _reward_problems(rew, where: str) -> list[str]:
+    from r1mega.rewards.compose import REWARDS
+
+    p = []
+    for source, entry in rew.sources.items():
+        for i, term in enumerate(entry.terms):
+            if term.name not in REWARDS:
+                p.append(f"{where}.sources.{source}.terms[{i}].name={term.name!r} is not one of "
+                         f"{', '.join(sorted(REWARDS))}.")
+    if rew.default_source is not None and rew.default_source not in rew.sources:
+        p.append(f"{where}.default_source={rew.default_source!r} is not a key of {where}.sources "
+                 f"({', '.join(map(str, rew.sources)) or 'none'}); rows of other sources would find no reward terms.")
+    return p
+
+
+def _stage_overlays(cfg, st, where: str) -> tuple[list[str], dict]:
+    """An RL stage's `algorithm`/`optim`/`reward` overlays merged onto the top-level groups (as the stage
+    runs them), range-checked where the stage sets a field; returns (problems, merged groups)."""
+    from omegaconf import OmegaConf
+
+    p, merged = [], {}
+    for group in ("algorithm", "optim", "reward"):
+        top, overlay = cfg.get(group), st.get(group)
+        if top is None:
+            continue
+        try:
+            merged[group] = OmegaConf.merge(top, overlay) if overlay else top
+        except Exception as e:  # an unknown key or a wrong type in the overlay
+            msg = str(getattr(e, "msg", None) or e).strip().splitlines()[0]
+            p.append(f"{where}.{group}: {msg}")
+            continue
+        for key in (overlay or {}):
+            head = f"{where}.{group}.{key}"
+            p += [m for m in range_problems(merged[group], f"{where}.{group}")
+                  if m.startswith(head) and m[len(head)] in "=.["]
+    return p, merged
+
+
+def _cross_problems(cfg) -> list[str]:
+    """Rules between fields of the composed main config (no-ops on the planner's config)."""
+    p = []
+    data, algo, r = cfg.get("data"), cfg.get("algorithm"), cfg.get("recipe")
+    ar = data.arithmetic if data is not None else None
+    if ar is not None and 3 * ar.num_heldout > (ar.max_operand + 1) ** 2:
+        p.append(f"data.arithmetic.num_heldout={ar.num_heldout} x 3 (eval, RL and pretraining splits) exceeds the "
+                 f"{(ar.max_operand + 1) ** 2} pairs of data.arithmetic.max_operand={ar.max_operand}.")
+    if cfg.get("optim") is not None:
+        p += _lr_problems(cfg.optim, "optim")
+    if cfg.get("reward") is not None:
+        p += _reward_problems(cfg.reward, "reward")
+    plat = cfg.get("platform")
+    if plat is not None:
+        p += _preset_problems("platform.cluster", "cluster", plat.get("cluster"))
+    rollout = cfg.get("rollout")
+    if r is not None and rollout is not None and rollout.dtype == "fp8":
+        p.append("rollout.dtype='fp8' is a planner estimate only; vLLM serves float32, bfloat16 or float16.")
+    if r is None:
+        return p
+    if algo is not None and r.get("prompts_per_rollout") is not None:  # recipe=r1_zero
+        p += _grpo_problems(algo, "algorithm", r, "recipe")
+    for stage in ("rl_reasoning", "rl_all"):  # recipe=r1
+        st = r.get(stage)
+        if st is None:
+            continue
+        where = f"recipe.{stage}"
+        q, merged = _stage_overlays(cfg, st, where)
+        p += q
+        if not q and "algorithm" in merged:
+            p += _grpo_problems(merged["algorithm"], f"{where}.algorithm" if st.algorithm else "algorithm", st, where)
+        if not q and "optim" in merged and st.optim:
+            p += _lr_problems(merged["optim"], f"{where}.optim")
+        if not q and "reward" in merged and st.reward:
+            p += _reward_problems(merged["reward"], f"{where}.reward")
+        p += _preset_problems(f"{where}.reward_model.model", "model", st.reward_model.model)
+    for name in ("pretrain", "sft", "cold_start.sft", "rejection_sft.sft", "teacher.cold_start.sft"):
+        node = r
+        for part in name.split("."):
+            node = node.get(part) if node is not None else None
+        if node is not None:
+            p += _lr_problems(node, f"recipe.{name}")
+    teacher = r.get("teacher")
+    if teacher is not None:
+        p += _preset_problems("recipe.teacher.model", "model", teacher.model)
+        p += _preset_problems("recipe.teacher.parallel", "parallel", teacher.parallel)
+    return p
 
 
 def _model_problems(m) -> list[str]:
@@ -198,18 +552,38 @@ def _input_problems(cfg) -> list[str]:
 
     from r1mega.data.prompts import data_dir
 
+    from r1mega.data.jsonl import DataError, read_sft_rows
+    from r1mega.data.prompts import load_rows
+
     p = []
     data = getattr(cfg, "data", None)
     if data is not None and data.source not in ("arithmetic", "jsonl"):
         p.append(f"data.source={data.source!r} is not one of arithmetic, jsonl.")
+    recipe = getattr(cfg, "recipe", None)  # the planner's config has no recipe
     if data is not None and data.source == "jsonl":
-        for key in ("train_file", "eval_file"):
+        for key, split in (("train_file", "train"), ("eval_file", "eval")):
             name = data.get(key)
             path = None if name is None else (Path(name) if Path(name).is_absolute() else data_dir(data) / name)
             if path is None or not path.is_file():
                 p.append(f"data.{key}={name!r} is not a file (looked in {path or data_dir(data)}).")
-    base = getattr(getattr(cfg, "recipe", None), "base", "embedded")  # the planner's config has no recipe
-    if base != "embedded" and not (Path(base) / "config.json").is_file():
+            else:  # every row, as the run will load it: one line with file, line and field
+                try:
+                    load_rows(data, split)
+                except DataError as e:
+                    p.append(f"data.{key}: {e}")
+    # SFT files of the multi-stage recipes ({problem, response} or {problem, reasoning, summary} rows).
+    for name in ("cold_start.data", "rejection_sft.mix.non_reasoning_data", "teacher.cold_start.data"):
+        node = recipe
+        for part in name.split("."):
+            node = getattr(node, part, None) if node is not None else None
+        if node is not None:
+            try:
+                read_sft_rows(node)
+            except DataError as e:
+                p.append(f"recipe.{name}: {e}")
+    base = getattr(recipe, "base", "embedded")
+    if base != "embedded" and not (base == "random" and getattr(recipe, "name", None) == "distill") \
+            and not (Path(base) / "config.json").is_file():
         p.append(f"recipe.base={base!r} is not a Hugging Face model directory (no config.json there).")
     return p
 
@@ -325,7 +699,16 @@ def _mtp_problems(cfg) -> list[str]:
 
 
 def validate(cfg) -> None:
-    """Raise `ConfigError` listing every rule `cfg` breaks; return None when it can run."""
+    """Raise `ConfigError` listing every rule `cfg` breaks; return None when it can run.
+
+    First every field against its range (`RANGES`) and the rules across fields; the layout, length
+    and input rules assume in-range values, so they only run when those hold."""
+    if _schema_of(cfg) is not None:  # a composed config (the planner's search passes SimpleNamespaces)
+        problems = range_problems(cfg)
+        if not problems:
+            problems = _cross_problems(cfg)
+        if problems:
+            raise ConfigError(problems)
     problems = _model_problems(cfg.model) + _mtp_problems(cfg)
     if not problems:
         problems = _parallel_problems(cfg.model, cfg.parallel, world_size_of(cfg.parallel))

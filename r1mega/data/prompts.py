@@ -19,9 +19,12 @@ def data_dir(cfg) -> Path:
 
 
 def load_rows(cfg, split: str) -> list[dict]:
-    """`split` is "train" or "eval"; rows get `id`, `problem`, `answer` and `data_source` keys."""
+    """`split` is "train" or "eval"; rows get `id`, `problem`, `answer` and `data_source` keys.
+    `eval_limit` keeps the first N eval rows of either source. A JSONL file must have rows, each with a
+    non-empty prompt and answer (a `DataError` names the file, line and field otherwise)."""
+    limit = cfg.eval_limit if split == "eval" else None
     if cfg.source == "arithmetic":
-        return arithmetic.rows(cfg.arithmetic, "rl" if split == "train" else "eval")
+        return arithmetic.rows(cfg.arithmetic, "rl" if split == "train" else "eval")[:limit]
     if cfg.source != "jsonl":
         raise DataError(f"data.source={cfg.source!r}; expected arithmetic or jsonl")
     name = cfg.train_file if split == "train" else cfg.eval_file
@@ -29,10 +32,11 @@ def load_rows(cfg, split: str) -> list[dict]:
         raise DataError(f"data.{split}_file is not set for data={cfg.name}")
     path = Path(name) if Path(name).is_absolute() else data_dir(cfg) / name
     rows = []
-    for i, r in enumerate(read_jsonl(path, required=[cfg.prompt_key, cfg.answer_key])):
+    keys = [cfg.prompt_key, cfg.answer_key]
+    for i, r in enumerate(read_jsonl(path, required=keys, nonblank=keys, allow_empty=False)):
         rows.append({**r, "id": r.get("id", f"{path.stem}-{i}"), "problem": r[cfg.prompt_key],
                      "answer": r[cfg.answer_key], "data_source": cfg.data_source or r.get("data_source", cfg.name)})
-    return rows[: cfg.eval_limit] if split == "eval" and cfg.eval_limit else rows
+    return rows[:limit]
 
 
 class PromptSource:

@@ -38,8 +38,12 @@ def load(name: str, limit: int | None = None, root: str | Path | None = None) ->
     """The first `limit` rows (all when None) of benchmark `name`."""
     if name not in _SPECS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be at least 1 (the first N problems of each benchmark).")
     required, fields = _SPECS[name]
-    rows = read_jsonl(Path(root or data_dir()) / "eval" / f"{name}.jsonl", required)[:limit]
+    text = [k for k in required if k != "id" and k != "unique_id"]  # the problem and its gold answer
+    rows = read_jsonl(Path(root or data_dir()) / "eval" / f"{name}.jsonl", required, nonblank=text,
+                      allow_empty=False)[:limit]
     out = []
     for i, row in enumerate(rows):
         id_, problem, answer = fields(row, i)

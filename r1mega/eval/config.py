@@ -22,3 +22,19 @@ class EvalOptions:
     cache_dir: str = "runs/cache"  # where the tiny random model is built once
     workers: int = 2  # grading processes (math-verify)
     timeout_s: float = 10.0  # per answer check, enforced by killing the grading worker
+
+    def __post_init__(self) -> None:
+        """Every option in its range (`r1mega.config.validate.RANGES["EvalOptions"]`), checked when the
+        command line is parsed, before the model or the data are touched: `ConfigError` otherwise."""
+        from r1mega.config.validate import ConfigError, range_problems
+
+        problems = range_problems(self)
+        if self.benchmarks is not None:
+            from r1mega.eval.benchmarks import BENCHMARKS
+
+            problems += [f"benchmarks: unknown benchmark {b!r}; known: {', '.join(BENCHMARKS)}." for b in self.benchmarks
+                         if b not in BENCHMARKS]
+            if not self.benchmarks:
+                problems.append("benchmarks=[] names no benchmark.")
+        if problems:
+            raise ConfigError(problems)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from omegaconf import OmegaConf
 
 from r1mega.config import CONF_DIR, ConfigError, validate
+from r1mega.config.validate import range_problems
 from r1mega.plan.estimate import evaluate, layout_of, rollout_of, rollout_problems
 from r1mega.plan.memory import facts
 from r1mega.plan.schema import register_plan_configs
@@ -33,17 +34,17 @@ def compose_plan(overrides: list[str] | None = None):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="plan", overrides=list(overrides or []))
-    cfg.num_gpus = cfg.num_gpus or cfg.parallel.world_size or cfg.cluster.gpus_per_node
-    cfg.parallel.world_size = cfg.num_gpus  # the layout is judged on the GPUs planned for
-    problems = [f"{k}={cfg[k]!r} is not one of {', '.join(v)}." for k, v in CHOICES.items() if cfg[k] not in v]
+    # Every field against its range first (r1mega.config.validate.RANGES: PlannerConfig, PlanConfig,
+    # ClusterConfig and the main app's groups); num_gpus=0 must not fall back to the default below.
+    problems = range_problems(cfg)
     problems += [f"search_recompute has {r!r}, not one of {', '.join(CHOICES['recompute'])}."
                  for r in cfg.search_recompute if r not in CHOICES["recompute"]]
-    if cfg.recompute_num_layers < 1:
-        problems.append(f"recompute_num_layers={cfg.recompute_num_layers} must be at least 1.")
-    if not 0 < cfg.prompt_length < cfg.seq_length:
-        problems.append(f"prompt_length={cfg.prompt_length} must be positive and below seq_length={cfg.seq_length}.")
-    if not 0 <= cfg.optimizer_offload_fraction <= 1:
-        problems.append(f"optimizer_offload_fraction={cfg.optimizer_offload_fraction} must be in [0, 1].")
+    if not problems and cfg.prompt_length >= cfg.seq_length:
+        problems.append(f"prompt_length={cfg.prompt_length} must be below seq_length={cfg.seq_length}.")
+    if problems:
+        raise ConfigError(problems)
+    cfg.num_gpus = cfg.num_gpus or cfg.parallel.world_size or cfg.cluster.gpus_per_node
+    cfg.parallel.world_size = cfg.num_gpus  # the layout is judged on the GPUs planned for
     if cfg.rollout_layout == "given" and cfg.rl:
         problems += rollout_problems(cfg.model, rollout_of(cfg.rollout), cfg.num_gpus)
     if cfg.layout == "best":  # the searched layout replaces parallel=, so only the model is checked here
