@@ -189,7 +189,7 @@ def test_cli_prints_breakdown_and_top_layouts_under_5s():
 
 
 def test_cli_json_output():
-    p, _ = _cli("num_gpus=256", "parallel=nemo_rl_dsv3_256xh100", "rollout=dsv3_tp32", "output=json")
+    p, _ = _cli(*NEMO_RL_256, "output=json")  # the published workload, which fits (exit 0)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["layout"].startswith("TP1 PP16 EP16")
 

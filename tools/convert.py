@@ -7,4 +7,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from r1mega.convert import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,7 +4,8 @@ Keys of `EvalOptions` (`r1mega/eval/config.py`) set the evaluation, e.g.
 `benchmarks=math500,aime24 k=4 limit=20 max_tokens=256 model_dir=/path/to/hf out_dir=runs/eval/x`;
 anything else is a Hydra override of the main config, which supplies the engine (`rollout=`,
 `rollout.max_model_len=...`, `platform=`) and, without `model_dir`, the preset of the tiny random
-model (`model=tiny_moe`). Bad options exit 2 with one line.
+model (`model=tiny_moe`). Bad options, a missing `model_dir` or data file, or an `out_dir` /
+`cache_dir` that cannot be created exit 2 with one line, before any engine starts.
 """
 from __future__ import annotations
 
@@ -15,8 +16,60 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from r1mega.__main__ import _one_line
 from r1mega.eval.config import EvalOptions
+
+USAGE = """usage: python -m r1mega.eval [option=value ...] [hydra overrides ...]
+
+Evaluate a model on the math benchmarks (pass@1 from k samples, cons@k) with vLLM; writes
+results.json, results.md and samples.jsonl to out_dir and prints a table.
+
+options (EvalOptions, r1mega/eval/config.py):
+{options}
+anything else is an override of the main config: the engine (rollout=..., rollout.max_model_len=...,
+platform=...) and, without model_dir, the tiny random model's preset (model=tiny_moe).
+
+example:
+  python -m r1mega.eval model_dir=/path/to/hf benchmarks=math500,aime24 k=4 limit=20 out_dir=runs/eval/x
+
+exit status: 0 done, 2 bad options or paths (one line on stderr, before any engine starts)."""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _options_help() -> str:
+    """One line per EvalOptions field: name, default and the comment beside it in the source."""
+    import inspect
+    import re
+
+    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(EvalOptions), re.M))
+    rows = []
+    for f in fields(EvalOptions):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        default = ",".join(default) if isinstance(default, list) else default
+        rows.append((f"  {f.name}={default}".ljust(40) + f"  {notes.get(f.name, '')}").rstrip())
+    return "\n".join(rows)
+
+
+def _path_problems(cfg: EvalOptions) -> list[str]:
+    """Missing inputs and uncreatable outputs, each in one sentence."""
+    from r1mega.__main__ import dir_problem
+
+    problems = []
+    if cfg.model_dir is not None:
+        d = Path(cfg.model_dir)
+        if not d.is_dir():
+            problems.append(f"model_dir={cfg.model_dir} " + ("is not a directory." if d.exists() else "does not exist."))
+        elif not (d / "config.json").is_file():
+            problems.append(f"model_dir={cfg.model_dir} has no config.json (not a Hugging Face model directory).")
+        elif not any((d / f).is_file() for f in TOKENIZER_FILES):
+            problems.append(f"model_dir={cfg.model_dir} has no tokenizer ({', '.join(TOKENIZER_FILES)}).")
+        elif not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")):
+            problems.append(f"model_dir={cfg.model_dir} has no weights (*.safetensors or *.bin).")
+    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+        problems.append(f"data_dir={cfg.data_dir} is not a directory.")
+    outputs = [("out_dir", cfg.out_dir)] + ([("cache_dir", cfg.cache_dir)] if cfg.model_dir is None else [])
+    problems += [p for key, path in outputs if path is not None for p in [dir_problem(key, path)] if p]
+    return problems
 
 
 def parse(argv: list[str]) -> tuple[EvalOptions, list[str]]:
@@ -36,15 +89,28 @@ def parse(argv: list[str]) -> tuple[EvalOptions, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r1mega.config import compose
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(USAGE.format(options=_options_help()))
+        return 0
+
+    from r1mega.__main__ import _one_line
+    from r1mega.config import ConfigError, compose
     from r1mega.eval import benchmarks
 
     try:
-        cfg, overrides = parse(list(sys.argv[1:] if argv is None else argv))
+        cfg, overrides = parse(argv)
+        problems = _path_problems(cfg)
+        if problems:
+            raise ConfigError(problems)
         job = compose(overrides)
         rows = [row for name in cfg.benchmarks for row in benchmarks.load(name, cfg.limit, cfg.data_dir)]
+    except ConfigError as e:
+        more = f" ({len(e.problems) - 1} more problem(s) after fixing this)" if len(e.problems) > 1 else ""
+        print(f"r1mega.eval: invalid config: {e.problems[0]}{more}", file=sys.stderr)
+        return 2
     except Exception as e:  # unknown key or benchmark, bad type or value, unreadable data file
-        print(f"r1mega.eval: {_one_line(e)}", file=sys.stderr)
+        print(f"r1mega.eval: invalid config: {_one_line(e)}", file=sys.stderr)
         return 2
 
     from rich.progress import Progress

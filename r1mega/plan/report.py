@@ -9,9 +9,12 @@ from rich.table import Table
 from r1mega.plan import flat
 
 
+NA = "n/a"  # a number that does not exist (e.g. the time of a rollout that cannot run); the note says why
+
+
 def _f(x, unit: str = "", nd: int = 1) -> str:
     if x is None:
-        return "-"
+        return NA
     if isinstance(x, float):
         return f"{x:,.{nd}f}{unit}"
     return f"{x:,}{unit}"
@@ -30,13 +33,34 @@ def _count(n: float, nd: int = 1) -> str:
     return f"{n / 1e9:.{nd}f}B" if n >= 1e9 else f"{n / 1e6:.{nd}f}M"
 
 
+def headline(r: dict, gpu_memory_gb: float) -> str:
+    """The verdict in one line: fits or not, the key number, and what the search found."""
+    tm, v = r["train_memory"], r["verdict"]
+    where = f"{r['model']['name']} on {r['num_gpus']} x {r['cluster']}"
+    if v["fits"]:
+        what = "per RL step" if r["rollout_layout"] else "per training step"
+        s = r["step_s"]
+        step = f"{_f(s, ' s', nd=0 if s >= 10 else 2)} {what}" if s is not None else f"time {what} n/a"
+        return (f"FITS: {where}, {r['layout']}: {tm['total_gb']:.1f} of {gpu_memory_gb:.0f} GB per GPU "
+                f"(worst stage), {step}")
+    n = r["feasible_layouts"]
+    if not n:
+        found = f"no layout of {r['num_gpus']} GPUs fits"
+    else:
+        best = r["search"][0]
+        found = f"{n} other layout(s) fit, fastest: {best['layout']} ({_f(best['train_gb'])} GB, {_f(best['step_s'], ' s', nd=0)} per step)"
+    return f"DOES NOT FIT: {where}, {r['layout']}: {v['limit']}: {v['reason']}; {found}"
+
+
 def render(r: dict, gpu_memory_gb: float, console: Console | None = None) -> None:
     con = console or Console(width=120)
+    con.print(headline(r, gpu_memory_gb), style="bold green" if r["verdict"]["fits"] else "bold red", markup=False,
+              highlight=False, soft_wrap=True)
     m = r["model"]
     con.print(f"[bold]r1mega plan[/]: {m['name']} ({_count(m['total_params'])} total, "
               f"{_count(m['active_params'])} active) on {r['num_gpus']} x {r['cluster']}")
     con.print(f"training layout ({r['layout_source']}): {r['layout']}   rollout ({r['rollout_source']}): "
-              f"{r['rollout_layout'] or 'none'}")
+              f"{r['rollout_layout'] or 'none (rl=false: no rollout phase)'}")
 
     tm = r["train_memory"]
     t = _table(con, f"Training memory per GPU: worst stage {tm['stage']} ({tm['layers']} layers)", "component", "GB", "note")
@@ -71,9 +95,12 @@ def render(r: dict, gpu_memory_gb: float, console: Console | None = None) -> Non
     t = _table(con, "Time per RL step", "phase", "seconds", "note")
     if rt:
         t.add_row("rollout prefill", _f(rt["prefill_s"]), "FLOP-bound")
-        t.add_row("rollout decode", _f(rt["decode_s"]),
-                  f"{_f(rt.get('decode_step_ms'), ' ms')}/token x {rt['waves']} waves of {rt['batch_per_engine']} seqs "
-                  f"x {rt['engines']} engines, {rt.get('decode_bound', '-')}-bound")
+        if rt["waves"] is None:  # the KV cache holds no whole sequence: decode never finishes
+            t.add_row("rollout decode", NA, "cannot run: the KV cache holds no whole sequence")
+        else:
+            t.add_row("rollout decode", _f(rt["decode_s"]),
+                      f"{_f(rt.get('decode_step_ms'), ' ms')}/token x {rt['waves']} waves of {rt['batch_per_engine']} "
+                      f"seqs x {rt['engines']} engines, {rt.get('decode_bound', 'n/a')}-bound")
         t.add_row("ref + old-policy forwards", _f(tt["ref_old_forward_s"]), "")
     t.add_row("training compute", _f(tt["train_compute_s"]), "6 x active params x tokens / MFU (8 x with full recompute)")
     t.add_row("pipeline bubble", _f(tt["pipeline_bubble_s"]), f"{tt['bubble_fraction']:.0%} of compute")
@@ -84,7 +111,7 @@ def render(r: dict, gpu_memory_gb: float, console: Console | None = None) -> Non
         t.add_row("weight sync", _f(ws["estimate_s"]),
                   f"{ws['model_gb']:.0f} GB; theory {ws['theory_s']:.2f} s (network {ws['network_floor_s']:.2f}, "
                   f"NVLink {ws['nvlink_floor_s']:.2f})")
-    t.add_row("[bold]step", f"[bold]{_f(r['step_s'])}", "")
+    t.add_row("[bold]step", f"[bold]{_f(r['step_s'])}", "" if r["step_s"] is not None else "no step: the rollout cannot run")
     con.print(t)
 
     t = _table(con, "Training communication per GPU per step", "group", "GB", "seconds")
@@ -95,11 +122,14 @@ def render(r: dict, gpu_memory_gb: float, console: Console | None = None) -> Non
     v = r["verdict"]
     con.print("\n[bold green]FITS[/]" if v["fits"] else f"[bold red]DOES NOT FIT[/]: {v['limit']}: {v['reason']}")
 
+    if not r["search"]:
+        con.print(f"\n[bold]Best feasible layouts:[/] none (no layout of {r['num_gpus']} GPUs fits)")
+        return
     t = _table(con, f"Best feasible layouts ({r['feasible_layouts']} fit)", "#", "training layout", "rollout",
                "train GB", "host GB/node", "train s", "step s")
     for i, s in enumerate(r["search"], 1):
-        t.add_row(str(i), s["layout"], s["rollout_layout"] or "-", _f(s["train_gb"]), _f(s["host_gb_per_node"], nd=0),
-                  _f(s["train_s"]), _f(s["step_s"]))
+        t.add_row(str(i), s["layout"], s["rollout_layout"] or "none (rl=false)", _f(s["train_gb"]),
+                  _f(s["host_gb_per_node"], nd=0), _f(s["train_s"]), _f(s["step_s"]))
     con.print(t)
 
 
