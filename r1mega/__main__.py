@@ -40,9 +40,36 @@ def preflight(argv: list[str]) -> DictConfig:
     except Exception as e:  # hydra/omegaconf composition errors (bad type, unknown key or option)
         print(f"r1mega: invalid config: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    if not (args.cfg or args.help or args.hydra_help or args.info or args.shell_completion):
+        problem = dir_problem("run_dir", cfg.run_dir)  # Hydra creates run_dir (hydra.run.dir) first thing
+        if problem:
+            print(f"r1mega: invalid config: {problem}", file=sys.stderr)
+            sys.exit(2)
     print(count_parameters(cfg.model).summary(cfg.model.name), file=sys.stderr)
     memory_check(cfg)
     return cfg
+
+
+def dir_problem(key: str, path) -> str | None:
+    """Why directory `path` (the value of option `key`) cannot be created or written to, in one
+    sentence, or None. Leaves nothing behind: it probes the nearest existing ancestor by making a
+    temporary directory there and removing it at once (root passes `os.access` checks that
+    `mkdir` then fails, e.g. under /proc or on a read-only mount)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    probe = Path(os.path.expanduser(str(path))).absolute()
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "a file" if probe.is_file() else "not a directory"
+        return f"{key}={path} cannot be created: {probe} is {what}."
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".r1mega-probe-", dir=probe))
+    except OSError as e:
+        return f"{key}={path} cannot be written: no directory can be made in {probe} ({e.strerror})."
+    return None
 
 
 def memory_check(cfg: DictConfig) -> None:
@@ -63,12 +90,28 @@ def memory_check(cfg: DictConfig) -> None:
 def _run(cfg: DictConfig) -> None:
     from r1mega.recipes import run_recipe
 
+    if cfg.recipe.name != "none":
+        from r1mega.parallel import interrupt
+
+        interrupt.shield_helpers()
+        interrupt.stop_point()  # a signal during composition and checks
     run_recipe(cfg)
 
 
 def main() -> None:
-    preflight(sys.argv[1:])
-    _run()
+    # Ctrl-C / SIGTERM: the loops stop at their next safe point with a checkpoint (all ranks agree),
+    # then one line and exit 130 / 143 (r1mega.parallel.interrupt); no traceback.
+    from r1mega.parallel import interrupt
+
+    interrupt.install()
+    try:
+        preflight(sys.argv[1:])
+        _run()
+    except interrupt.Interrupted as e:
+        interrupt.exit_for(e)
+    except KeyboardInterrupt:  # only if something restored Python's own SIGINT handler
+        print("r1mega: interrupted (SIGINT); run the same command to resume", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from r1mega.checkpoint.manager import CheckpointManager
 from r1mega.data import arithmetic
 from r1mega.data.tokenizer import load_tokenizer, train_tokenizer
+from r1mega.parallel import interrupt
 from r1mega.parallel.state import barrier, is_rank0
 from r1mega.trainer.metrics import MetricsLogger, plot_curves
 from r1mega.trainer.sft import SFTConfig, sft_sample, sft_step, step_batches
@@ -98,12 +99,19 @@ def _pretrain(cfg, work: Path) -> None:
     engine = MegatronEngine(run_cfg)
     sft = SFTConfig(steps=p.steps, epochs=10**6, batch_size=p.batch_size, max_tokens=p.max_tokens,
                     loss_on_prompt=True, seed=cfg.platform.seed)
-    log = MetricsLogger(work, "pretrain", p.steps, headline=("loss",), use_wandb=False)
+    log = MetricsLogger(work, "pretrain", p.steps, headline=("loss",), use_wandb=False, plain_every_s=10.0)
     log.print(f"pretraining the embedded base: {cfg.model.name} on {p.num_docs} synthetic addition documents, "
               f"{p.steps} steps (cached for the next run)")
-    for step, idx in step_batches(len(samples), sft):
-        log.log(step + 1, sft_step(engine, [samples[i] for i in idx], p.max_tokens, thd=cfg.platform.transformer_engine))
-    log.close()
+    try:
+        for step, idx in step_batches(len(samples), sft):
+            log.log(step + 1, sft_step(engine, [samples[i] for i in idx], p.max_tokens, thd=cfg.platform.transformer_engine))
+            # Minutes of work at most, so no checkpoint: an interrupted pretraining starts over (a
+            # finished one is saved; the recipe stops at its own first safe point).
+            if step + 1 < p.steps:
+                interrupt.stop_point(f"the embedded base's pretraining stopped at step {step + 1}/{p.steps} (it is "
+                                     "not checkpointed: the next run pretrains it again); run the same command to restart")
+    finally:
+        log.close()
     if is_rank0():
         plot_curves(log.rows(), ["loss", "lr"], work / "pretrain.png", f"pretraining {cfg.model.name}")
     CheckpointManager(work / "ckpt", keep_last=1).save(p.steps, engine.model)

@@ -9,6 +9,7 @@ printed at start-up.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 from r1mega.checkpoint.manager import CheckpointManager
 from r1mega.config.steps import step_plan
 from r1mega.data.prompts import PromptSource, load_rows
+from r1mega.parallel import interrupt
 from r1mega.parallel.state import broadcast_object, destroy_distributed, init_distributed, is_rank0, seed_everything
 from r1mega.recipes.base import Base, prepare_base
 from r1mega.trainer.metrics import MetricsLogger, plot_curves
@@ -41,6 +43,7 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
     from r1mega.trainer.grpo import GRPOTrainer
 
     r = cfg.recipe
+    interrupt.stop_point()  # e.g. a Ctrl-C during start-up or an earlier stage's last step
     tok = base.tokenizer()
     prompts = PromptSource(load_rows(cfg.data, "train"), tok, r.template, r.max_prompt_tokens, seed=cfg.platform.seed)
     eval_rows = load_rows(cfg.data, "eval")
@@ -54,34 +57,44 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
         state = ckpt.load(policy.model, policy.optimizer)
         start, ref_step = state["step"], state["ref_step"]
         policy.scheduler.load_state_dict(state["scheduler"])
+        interrupt.checkpointed(f"rollout {start}", ckpt.root)
+        if is_rank0():
+            print(f"r1mega: resuming from checkpoint at rollout {start} ({ckpt.root})", file=sys.stderr, flush=True)
     else:
         base.load_into(policy.model)
     if ref is not None:
         ref_ckpt.load(ref.model, step=ref_step) if ref_step else base.load_into(ref.model)
 
     engine = _engine(cfg, tok, run_dir, launch)
+    log = None
     try:
         trainer = GRPOTrainer(cfg, policy, ref, engine, tok, prompts, reward_model=reward_model)
         trainer.ref_step = ref_step
         trainer.colocation.weight_sync.sync(policy.model, engine)  # the engine starts from dummy weights
+        interrupt.stop_point()
 
         log = MetricsLogger(run_dir, r.name, r.rollouts, config=OmegaConf.to_container(cfg, resolve=True), start_step=start,
-                            headline=("reward/mean", "accuracy", "response_length/mean"), use_wandb=r.wandb)
+                            headline=("reward/mean", "accuracy", "response_length/mean"), use_wandb=r.wandb, unit="rollout")
         log.print(f"{r.name}: {step_plan(r, cfg.algorithm, num_prompts=len(prompts)).line()}")
         if prompts.skipped:
             log.print(f"[yellow]{prompts.skipped} prompts longer than recipe.max_prompt_tokens={r.max_prompt_tokens} were skipped")
         before = _cached_eval(trainer, cfg, eval_rows, run_dir / "eval_before.json")
+        interrupt.stop_point()  # the eval before RL is saved; nothing else to keep
         for step in range(start, r.rollouts):  # `step` counts rollouts (GRPO iterations)
             metrics = trainer.step(step)
             if r.eval.every and (step + 1) % r.eval.every == 0 and step + 1 < r.rollouts:
                 metrics.update({f"eval/{k}": v for k, v in _evaluate(trainer, cfg, eval_rows).items()})
             log.log(step + 1, metrics)
-            if (step + 1) % r.save_every == 0 or step + 1 == r.rollouts:
+            stop = interrupt.should_stop()  # every rank agrees: a stop signal on any rank ends the run here
+            if stop or (step + 1) % r.save_every == 0 or step + 1 == r.rollouts:
                 if trainer.ref_step > ref_step:
                     ref_step = trainer.ref_step
                     ref_ckpt.save(ref_step, ref.model)
                 ckpt.save(step + 1, policy.model, policy.optimizer,
                           state={"ref_step": ref_step, "scheduler": policy.scheduler.state_dict()})
+                interrupt.checkpointed(f"rollout {step + 1}", ckpt.root)
+            if stop:
+                raise interrupt.Interrupted(stop)
         after = _cached_eval(trainer, cfg, eval_rows, run_dir / "eval_after.json")
         log.close()
         summary = {"before": before, "after": after}
@@ -91,6 +104,8 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
     finally:
+        if log is not None:
+            log.close()  # idempotent; flushes W&B when the loop stopped early
         if engine is not None:
             engine.shutdown()  # before the process groups go: vLLM destroys its own at shutdown
 

@@ -28,7 +28,8 @@ from typing import Callable, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from r1mega.data import arithmetic
-from r1mega.data.jsonl import read_jsonl, write_jsonl
+from r1mega.data.jsonl import read_jsonl, read_sft_rows, write_jsonl
+from r1mega.parallel import interrupt
 from r1mega.parallel.state import barrier, broadcast_object, is_rank0
 from r1mega.trainer.metrics import MetricsLogger, plot_curves
 
@@ -68,6 +69,8 @@ def run_pending(tag: str, cfg, stages: tuple[str, ...] | list[str], todo: list[s
         summary["line"] = f"{summary['line']} ({summary['seconds']:.0f}s)"
         manifest.finish(name, outputs, summary)
         log(f"{head}: {summary['line']}")
+        interrupt.stop_point(f"stage {name} finished (recorded in {manifest.path}); run the same command to "
+                             "continue with the next stage")
 
 
 def stages_to_run(cfg, run_dir: Path, stages: tuple[str, ...] | list[str]) -> list[str]:
@@ -137,8 +140,9 @@ def preset(group: str, name: str, overrides=None) -> DictConfig:
 
 # -- SFT data ------------------------------------------------------------------------------------------
 def load_sft_rows(path: str | Path) -> list[dict]:
-    """SFT rows from JSONL: {problem, response} or {problem, reasoning, summary} (`r1mega.data.chat`)."""
-    return read_jsonl(path, required=["problem", ("response", "reasoning")])
+    """SFT rows from JSONL: {problem, response} or {problem, reasoning, summary} (`r1mega.data.chat`);
+    the same checks as validation runs on the configured files (`r1mega.data.jsonl.read_sft_rows`)."""
+    return read_sft_rows(path)
 
 
 def cold_start_rows(arith, n: int, seed: int) -> list[dict]:
@@ -207,6 +211,7 @@ def sft_stage(cfg: DictConfig, name: str, stage_dir: Path, init: Optional[Callab
         state = ckpt.load(engine.model, engine.optimizer)
         engine.scheduler.load_state_dict(state["scheduler"])
         log(f"[{name}] resuming SFT from its checkpoint at step {start}/{total}")
+        interrupt.checkpointed(f"{name} step {start}", ckpt.root)
     elif init is not None:
         init(engine.model)
     logger = MetricsLogger(stage_dir, name, total, start_step=start, headline=("loss", "lr"), use_wandb=sft.wandb,
@@ -214,13 +219,21 @@ def sft_stage(cfg: DictConfig, name: str, stage_dir: Path, init: Optional[Callab
     if dropped:
         logger.print(f"[yellow]{name}: {dropped} of {len(rows)} rows longer than max_tokens={sft.max_tokens} were dropped")
 
-    def save(step: int, _metrics: dict) -> None:
-        if step % sft.save_every == 0 or step == total:
-            ckpt.save(step, engine.model, engine.optimizer, state={"scheduler": engine.scheduler.state_dict()})
+    saved = [start]
 
-    res = train_sft(engine, samples, scfg, logger=logger, start_step=start, on_step=save,
-                    thd=cfg.platform.transformer_engine)
-    logger.close()
+    def save(step: int, _metrics: dict | None = None, stopping: bool = False) -> None:
+        if stopping and saved[0] == step:
+            return
+        if stopping or step % sft.save_every == 0 or step == total:
+            ckpt.save(step, engine.model, engine.optimizer, state={"scheduler": engine.scheduler.state_dict()})
+            saved[0] = step
+            interrupt.checkpointed(f"{name} step {step}", ckpt.root)
+
+    try:  # a stop signal: a checkpoint at the step it ends, then Interrupted
+        res = train_sft(engine, samples, scfg, logger=logger, start_step=start, on_step=save,
+                        thd=cfg.platform.transformer_engine, on_stop=lambda step: save(step, stopping=True))
+    finally:
+        logger.close()
     if is_rank0():
         plot_curves(logger.rows(), ["loss", "lr"], stage_dir / f"{name}.png", f"{name}: SFT of {cfg.model.name}")
     return {**summary, **_loss_summary(metrics), "seconds": res["seconds"], "tokens_per_s": res["tokens_per_s"]}

@@ -12,7 +12,7 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
-_PRELOAD = ["r1mega.rewards.math", "r1mega.rewards.code"]  # imported once in the fork server
+PRELOAD = ["r1mega.rewards.math", "r1mega.rewards.code"]  # imported once in the fork server
 
 
 def _serve(conn: Connection) -> None:
@@ -45,7 +45,7 @@ class _Worker:
 class WorkerPool:
     def __init__(self, workers: int) -> None:
         self._ctx = mp.get_context("forkserver")
-        self._ctx.set_forkserver_preload(_PRELOAD)
+        self._ctx.set_forkserver_preload(PRELOAD)
         self._workers = [_Worker(self._ctx) for _ in range(workers)]
 
     def run(self, tasks: list[tuple[Callable, tuple, dict, float]], default: Any = None) -> list[Any]:

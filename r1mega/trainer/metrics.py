@@ -3,12 +3,18 @@
 W&B runs offline unless the user configures it (`WANDB_MODE=online` and a key): files land in
 `<run_dir>/wandb`, to be `wandb sync`-ed later. `metrics.jsonl` in the run directory is the
 source the PNG and the resume test read.
+
+On a terminal the console shows a progress bar (stderr). Without one (stdout not a TTY: Slurm, nohup,
+`| tee`) each step prints one plain line to stdout instead, e.g.
+`r1_zero rollout 3/30  reward 0.41  accuracy 0.38  len 21.0  7.2 s`.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -19,12 +25,20 @@ from r1mega.parallel.state import is_rank0
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, name: str, total_steps: int, config: dict | None = None,
-                 start_step: int = 0, headline: tuple[str, ...] = (), use_wandb: bool = True):
+                 start_step: int = 0, headline: tuple[str, ...] = (), use_wandb: bool = True, unit: str = "step",
+                 plain: bool | None = None, plain_every_s: float = 0.0):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / f"{name}_metrics.jsonl"
+        self.name, self.total, self.unit = name, total_steps, unit
         self.headline = headline
         self.enabled = is_rank0()
         self.wandb = None
+        self.progress = None
+        self.closed = False
+        # No terminal on stdout: one plain line per step (a progress bar would reach the log garbled).
+        self.plain = (not _isatty(sys.stdout)) if plain is None else plain
+        self.plain_every_s = plain_every_s  # plain lines at most this often (the last step always)
+        self._last_t = self._printed_t = time.perf_counter()
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -39,6 +53,8 @@ class MetricsLogger:
             self.wandb = wandb.init(project="r1mega", name=name, dir=str(self.run_dir), config=config,
                                     resume="allow", id=_run_id(self.run_dir, name), reinit="create_new")
         self.console = Console(stderr=True)
+        if self.plain:
+            return
         self.progress = Progress(
             TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console, transient=False,
@@ -64,19 +80,54 @@ class MetricsLogger:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(row, step=step)
+        now = time.perf_counter()
+        dt, self._last_t = now - self._last_t, now
+        if self.progress is None:
+            if now - self._printed_t >= self.plain_every_s or step == self.total:
+                self._printed_t = now
+                print(self.line(step, row, dt), flush=True)
+            return
         info = "  ".join(f"{k}={row[k]:.4g}" for k in self.headline if isinstance(row.get(k), (int, float)))
         self.progress.update(self.task, completed=step, info=info)
+
+    def line(self, step: int, row: dict, seconds: float) -> str:
+        """The plain per-step line: `<name> <unit> 3/30  reward 0.41  accuracy 0.38  len 21.0  7.2 s`."""
+        parts = [f"{self.name} {self.unit} {step}/{self.total}"]
+        for k in self.headline:
+            v = row.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                parts.append(f"{_SHORT.get(k, k)} {_num(v)}")
+        parts.append(f"{seconds:.1f} s")
+        return "  ".join(parts)
 
     def print(self, text: str) -> None:
         if self.enabled:
             self.console.print(text)
 
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.closed:
             return
-        self.progress.stop()
+        self.closed = True
+        if self.progress is not None:
+            self.progress.stop()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+_SHORT = {"reward/mean": "reward", "response_length/mean": "len"}
+
+
+def _num(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.4g}" if abs(v) < 0.01 and v else f"{v:.3f}"
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _plain(v):

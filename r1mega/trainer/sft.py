@@ -140,10 +140,15 @@ def mtp_loss(metrics: list[dict]) -> float:
 
 
 def train_sft(engine, samples: list[dict], cfg: SFTConfig, logger=None, start_step: int = 0,
-              on_step: Callable[[int, dict], None] | None = None, thd: bool = False) -> dict:
+              on_step: Callable[[int, dict], None] | None = None, thd: bool = False,
+              on_stop: Callable[[int], None] | None = None) -> dict:
     """Steps `start_step`..`num_steps` over `samples` (epochs of seeded shuffles, resumable by step).
     Each step's metrics go to `logger.log(step, metrics)` (a MetricsLogger) and `on_step(step, metrics)`
-    (e.g. a checkpoint every N steps; `step` counts completed steps). Returns a summary."""
+    (e.g. a checkpoint every N steps; `step` counts completed steps). Returns a summary.
+    After each step every rank asks whether a stop signal (Ctrl-C, SIGTERM) reached any rank
+    (`r1mega.parallel.interrupt`); if so `on_stop(step)` (e.g. a checkpoint there) and `Interrupted`."""
+    from r1mega.parallel import interrupt
+
     if not samples:
         raise ValueError("train_sft: no samples")
     per_epoch = max(len(samples) // cfg.batch_size, 1)
@@ -161,6 +166,11 @@ def train_sft(engine, samples: list[dict], cfg: SFTConfig, logger=None, start_st
             logger.log(step + 1, m)
         if on_step is not None:
             on_step(step + 1, m)
+        stop = interrupt.should_stop()
+        if stop:
+            if on_stop is not None:
+                on_stop(step + 1)
+            raise interrupt.Interrupted(stop)
     seconds = time.perf_counter() - start
     return {"steps": num_steps(len(samples), cfg), "start_step": start_step, "samples": len(samples),
             "epochs": num_steps(len(samples), cfg) / per_epoch, "first_loss": first, "last_loss": last,
