@@ -176,15 +176,18 @@ def test_cli_length_violation_is_one_line():
 
 
 def _cli_measured(*args: str):
-    """`python -m r1mega` in a child; (result, seconds, peak RSS of the child in bytes)."""
-    import resource
+    """`python -m r1mega` in a child; (result, seconds, peak RSS of that child in bytes). A fresh
+    wrapper process waits for it, so RUSAGE_CHILDREN holds this child alone (in the test process it
+    would be the largest child any earlier test ran)."""
     import time
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)")
     t = time.monotonic()
-    r = _cli(*args)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return r, time.monotonic() - t, max(peak, before) * 1024
+    r = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "r1mega", *args], capture_output=True,
+                       text=True, timeout=120)
+    peak_kb = int(r.stderr.strip().splitlines()[-1])
+    return r, time.monotonic() - t, peak_kb * 1024
 
 
 def test_memory_check_refuses_671b_on_this_host_before_building():

@@ -23,11 +23,16 @@ def test_deepseek_v3_671b_is_671b_total_37b_active():
     assert abs((p.mtp + p.embedding) / 14e9 - 1) <= 0.05
 
 
-def _build_and_train(model: str) -> dict:
+def _build_and_train(overrides: list[str], rows: int, steps: int) -> dict:
+    """Build from `overrides`, count this rank's parameters (+ the expert-bias buffers), and take
+    `steps` Adam steps on one fixed batch of `rows` x 32 tokens through megatron's labels path
+    (its LM loss, plus its MTP loss with MTP)."""
+    from megatron.core import parallel_state as ps
+
     from r1mega.parallel.state import init_distributed
     from r1mega.trainer.engine import MegatronEngine
 
-    cfg = compose([f"model={model}", "optim.lr=1e-3"])
+    cfg = compose([*overrides, "optim.lr=1e-3"])
     init_distributed(cfg.parallel, cfg.platform)
     engine = MegatronEngine(cfg)
     module = engine.model[0].module
@@ -35,19 +40,19 @@ def _build_and_train(model: str) -> dict:
     # The aux-loss-free expert bias is a buffer in megatron and a tensor in the HF checkpoint.
     numel += sum(b.numel() for n, b in module.named_buffers() if n.endswith("expert_bias"))
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.model.vocab_size, (4, 32), generator=g)
-    batch = dict(tokens=tokens, labels=tokens.roll(-1, 1), position_ids=torch.arange(32).expand(4, 32))
+    tokens = torch.randint(0, cfg.model.vocab_size, (rows, 32), generator=g)
+    batch = dict(tokens=tokens, labels=tokens.roll(-1, 1), position_ids=torch.arange(32).expand(rows, 32))
 
     def loss_fn(per_token_loss, b):
         return per_token_loss.sum(), torch.tensor(per_token_loss.numel()), {"loss": per_token_loss.mean().detach()}
 
-    losses = [float(engine.train_step([batch], loss_fn, with_labels=True)["metrics"][0]["loss"]) for _ in range(10)]
-    return {"numel": numel, "losses": losses}
+    losses = [float(engine.train_step([batch], loss_fn, with_labels=True)["metrics"][0]["loss"]) for _ in range(steps)]
+    return {"numel": numel, "losses": losses, "ep": ps.get_expert_model_parallel_world_size()}
 
 
 @pytest.mark.parametrize("model", ["tiny_moe", "tiny_dense"])
 def test_tiny_model_builds_to_its_analytic_size_and_learns(model):
-    (r,) = run_distributed(_build_and_train, 1, model)
+    (r,) = run_distributed(_build_and_train, 1, [f"model={model}"], 4, 10)
     assert r["numel"] == count_parameters(compose([f"model={model}"]).model).total
     assert all(torch.isfinite(torch.tensor(r["losses"])))
     # Ten Adam steps on one fixed batch must fit it: the loss falls well below its start.
@@ -74,35 +79,12 @@ def test_dsv3_proxy_keeps_every_structural_choice_of_deepseek_v3():
     assert c.total + c.mtp < 50e6, "the proxy must stay CPU-sized"
 
 
-def _build_proxy_and_train(parallel: str, steps: int) -> dict:
-    from megatron.core import parallel_state as ps
-
-    from r1mega.parallel.state import init_distributed
-    from r1mega.trainer.engine import MegatronEngine
-
-    cfg = compose(["model=dsv3_proxy", f"parallel={parallel}", "optim.lr=1e-3"])
-    init_distributed(cfg.parallel, cfg.platform)
-    engine = MegatronEngine(cfg)
-    module = engine.model[0].module
-    numel = sum(p.numel() for p in module.parameters())
-    numel += sum(b.numel() for n, b in module.named_buffers() if n.endswith("expert_bias"))
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=g)
-    batch = dict(tokens=tokens, labels=tokens.roll(-1, 1), position_ids=torch.arange(32).expand(2, 32))
-
-    def loss_fn(per_token_loss, b):  # the labels path: megatron's LM loss, plus its MTP loss with MTP
-        return per_token_loss.sum(), torch.tensor(per_token_loss.numel()), {"loss": per_token_loss.mean().detach()}
-
-    losses = [float(engine.train_step([batch], loss_fn, with_labels=True)["metrics"][0]["loss"]) for _ in range(steps)]
-    return {"numel": numel, "losses": losses, "ep": ps.get_expert_model_parallel_world_size()}
-
-
 @pytest.mark.parametrize("parallel", ["single", "ep2"])
 def test_dsv3_proxy_builds_to_its_analytic_size_and_trains(parallel):
     """The proxy (256 experts, group-limited routing, YaRN MLA, MTP) builds and trains at 1 process
     and EP2; each rank holds the analytic count (main model + MTP) less the other EP rank's experts."""
     world = 1 if parallel == "single" else 2
-    results = run_distributed(_build_proxy_and_train, world, parallel, 4 if world == 1 else 2)
+    results = run_distributed(_build_and_train, world, ["model=dsv3_proxy", f"parallel={parallel}"], 2, 4 if world == 1 else 2)
     m = compose(["model=dsv3_proxy"]).model
     c = count_parameters(m)
     moe_layers = m.num_layers - m.first_k_dense_layers + m.mtp_num_layers
