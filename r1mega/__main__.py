@@ -46,6 +46,10 @@ def preflight(argv: list[str]) -> DictConfig:
             print(f"r1mega: invalid config: {problem}", file=sys.stderr)
             sys.exit(2)
     print(count_parameters(cfg.model).summary(cfg.model.name), file=sys.stderr)
+    if "rollouts" in cfg.recipe:  # an RL recipe: its step arithmetic before anything runs
+        from r1mega.config.steps import step_plan
+
+        print(f"{cfg.recipe.name}: {step_plan(cfg.recipe, cfg.algorithm).line()}", file=sys.stderr)
     memory_check(cfg)
     return cfg
 

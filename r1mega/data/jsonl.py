@@ -56,7 +56,7 @@ def numbered_jsonl(path: str | Path, required: Sequence[Key] = (),
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})", path, lineno) from None
             if not isinstance(row, dict):

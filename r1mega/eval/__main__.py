@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             raise ConfigError(problems)
         job = compose(overrides)
+        if cfg.max_tokens >= job.rollout.max_model_len:  # vLLM would leave no room for any prompt
+            raise ConfigError([f"max_tokens={cfg.max_tokens} leaves no room for a prompt in rollout.max_model_len="
+                               f"{job.rollout.max_model_len}; raise rollout.max_model_len or lower max_tokens."])
         rows = [row for name in cfg.benchmarks for row in benchmarks.load(name, cfg.limit, cfg.data_dir)]
     except ConfigError as e:
         more = f" ({len(e.problems) - 1} more problem(s) after fixing this)" if len(e.problems) > 1 else ""
