@@ -12,6 +12,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from r1mega.models.build import DTYPES, build_model
+from r1mega.parallel.state import data_parallel
 
 # loss_fn(output, batch) -> (loss, count, metrics to report). The step minimises the sum of `loss` over
 # all microbatches and data-parallel (x context-parallel) ranks, divided by the sum of `count` over the
@@ -110,10 +111,9 @@ class MegatronEngine:
             depth = self.config.mtp_num_layers
             count = torch.tensor(sum(float(_mtp_loss_mask(mb, mtp_mask_key, depth).sum()) for mb in microbatches),
                                  dtype=torch.float64)
-            if _dp_size() > 1:
-                from megatron.core import parallel_state
-
-                torch.distributed.all_reduce(count, group=parallel_state.get_data_parallel_group())
+            _, _, dp_group = data_parallel()
+            if dp_group is not None:
+                torch.distributed.all_reduce(count, group=dp_group)
             scaling_factor = self.config.mtp_loss_scaling_factor
             # Read by GPTModel._postprocess at every forward (MultiTokenPredictionBlock caches a copy it never uses).
             self.config.mtp_loss_scaling_factor = mtp_loss_coef * depth / max(count.item(), 1.0)
@@ -165,7 +165,7 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         # megatron's per-token mode sums the MoE aux loss over microbatches and DP ranks: scale its
         # coefficient so it stays the mean over them, as in megatron's default mode.
-        self.config.moe_aux_loss_coeff = self.aux_loss_coeff / (len(microbatches) * _dp_size())
+        self.config.moe_aux_loss_coeff = self.aux_loss_coeff / (len(microbatches) * data_parallel()[1])
         try:
             metrics = self.forward_backward(microbatches, loss_fn, with_labels=with_labels,
                                             mtp_loss_coef=mtp_loss_coef, mtp_mask_key=mtp_mask_key)
@@ -199,12 +199,6 @@ class MegatronEngine:
             module = c.module if isinstance(c, DistributedDataParallel) else c
             for name, p in module.named_parameters():
                 yield (f"chunk{i}.{name}" if len(self.model) > 1 else name), p
-
-
-def _dp_size() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
 
 
 def _loss_wrapper(loss_fn: LossFn, batch: dict, output: torch.Tensor):
