@@ -52,27 +52,41 @@ def test_pass_at_1_is_the_mean_per_problem_fraction():
 @pytest.mark.parametrize("a, b, expected", [
     ("1/2", "0.5", True), ("\\frac{1}{2}", "0.5", True), ("2,125", "2125", True), ("27", "27.0", True),
     ("x = 3", "3", True), ("3", "4", False), ("\\frac{1}{3}", "0.33", False), ("\\{", "\\{", True),
+    ("1 \\le x \\le 2", "[1,2]", True), ("x<2", "(-\\infty, 2)", True),  # math-verify accepts one direction only
+    ("28\\%", "28", True), ("\\frac{1}{2^{98}}", "\\frac{1}{2^{99}}", False),
 ])
-def test_same_answer_is_math_verify_equivalence(a, b, expected):
-    assert same_answer(a, b) is expected
+def test_same_answer_is_symmetric_math_verify_equivalence(a, b, expected):
+    assert same_answer(a, b) is expected and same_answer(b, a) is expected
 
 
 @pytest.mark.parametrize("answers, winner", [
-    # equivalent forms are one class: {0, 1, 3} (3 votes) beats {2, 4} (2 votes)
-    (["1/2", "0.5", "3", "\\frac{1}{2}", "3"], 0),
+    # equivalent forms are one class: {0, 1, 3} (3 votes) beats {2, 4} (2 votes); the winner holds
+    # the class's smallest answer string, "0.5"
+    (["1/2", "0.5", "3", "\\frac{1}{2}", "3"], 1),
     # None never votes, however many there are
     ([None, None, None, "5", None], 3),
     ([None, None], None),
     ([], None),
-    # ties: the class whose first member is the earliest sample wins
-    (["3", "1/2", "0.5", "3.0"], 0),
+    # ties: the class holding the smallest answer string wins, wherever its samples are
+    (["3", "1/2", "0.5", "3.0"], 2),
     (["7", "8", "8", "7"], 0),
-    ([None, "8", "7", "7", "8"], 1),
+    ([None, "8", "7", "7", "8"], 2),
     (["a", "b", "c", "d"], 0),
     (["4", "5", "5", "4", "6", "6", "6"], 4),
 ])
 def test_majority_vote(answers, winner):
     assert majority_vote(answers) == winner
+
+
+def test_majority_vote_does_not_depend_on_the_order_of_the_samples():
+    import functools
+    import itertools
+
+    equivalent = functools.cache(same_answer)
+    # "1 \\le x \\le 2" ~ "[1,2]" in one direction only, "x<2" ~ "(-\\infty, 2)" likewise; a 2-2-1 vote
+    answers = ["[1,2]", "(-\\infty, 2)", "1 \\le x \\le 2", "x<2", None, "7"]
+    won = {answers[p[majority_vote([answers[i] for i in p], equivalent)]] for p in itertools.permutations(range(6))}
+    assert won == {"(-\\infty, 2)"}
 
 
 def test_cons_at_k_takes_the_majority_not_any_correct_sample():
@@ -81,8 +95,8 @@ def test_cons_at_k_takes_the_majority_not_any_correct_sample():
     correct = [[True, False, False, False], [False, True, False, True], [True, False, False, True],
                [False, False, False, True], [False] * 4]
     winners = [majority_vote(a) for a in answers]
-    assert winners == [1, 0, 0, 3, None]  # the second and third are 2-2 ties: the earliest class wins
-    assert cons_at_k(winners, correct) == pytest.approx(2 / 5)
+    assert winners == [1, 1, 0, 3, None]  # the second and third are 2-2 ties: "5" < "6" wins both
+    assert cons_at_k(winners, correct) == pytest.approx(3 / 5)
     assert mean_pass_at_k(correct, 1) == pytest.approx((0.25 + 0.5 + 0.5 + 0.25 + 0) / 5)
 
 
@@ -166,7 +180,7 @@ def _r1_zero(answer):
 SCRIPT = {
     # 2 of 4 correct, majority 0.5 = 1/2: pass@1 0.5, cons 1
     "P1": [_r1_zero("1/2"), "\\boxed{0.5}", _r1_zero("3"), "no answer..."],
-    # 2 of 4 correct, a 2-2 tie between 7 (first) and 6 (correct): pass@1 0.5, cons 0
+    # 2 of 4 correct, a 2-2 tie between 7 (sampled first) and 6 (correct): "6" < "7" wins, pass@1 0.5, cons 1
     "P2": [_r1_zero("7"), _r1_zero("6"), "\\boxed{7}", "#### 6.0"],
     # 0 of 4: pass@1 0, cons 0
     "P3": ["...", "...", "...", _r1_zero("1")],
@@ -197,7 +211,7 @@ def test_evaluate_exact_values():
     a, b = result.metrics["a"], result.metrics["b"]
     assert (a["problems"], a["skipped"], b["problems"], b["skipped"], b["skipped_ids"]) == (2, 0, 1, 1, ["b/4"])
     assert a["pass@1"] == 0.5
-    assert a["cons@4"] == 0.5
+    assert a["cons@4"] == 1.0
     assert a["pass@4"] == 1.0
     assert a["format"] == pytest.approx(4 / 8)
     assert a["truncated"] == pytest.approx(1 / 8)

@@ -16,8 +16,8 @@ from r1mega.rollout.engine import Completion, RequestOutput
 from tests.fake_engine import GenerateOnlyEngine
 
 
-def _rewards(workers: int = 0, think_in_prompt: bool = True) -> RewardConfig:
-    terms = [TermConfig("accuracy"), TermConfig("format", params={"style": "r1", "think_in_prompt": think_in_prompt}),
+def _rewards(workers: int = 0) -> RewardConfig:
+    terms = [TermConfig("accuracy"), TermConfig("format", params={"style": "r1"}),
              TermConfig("language", params={"language": "en"})]
     return RewardConfig(sources={"default": SourceConfig(terms=terms)}, workers=workers)
 
@@ -125,9 +125,7 @@ def test_without_dedup_and_with_a_total_threshold(tmp_path):
 
 def test_reward_settings_that_reject_everything_fail_early(tmp_path):
     tok, engine = CharTokenizer(), FakeEngine(CRAFTED)
-    with pytest.raises(ValueError, match="think_in_prompt"):
-        rejection_sample(engine, tok, ROWS, "r1", _rewards(think_in_prompt=False), CFG, tmp_path / "x.jsonl")
-    with pytest.raises(ValueError, match="does not match template"):
+    with pytest.raises(ValueError, match="does not match the prompt template"):
         rejection_sample(engine, tok, ROWS, "r1_zero", _rewards(), CFG, tmp_path / "x.jsonl")
     missing = RejectionConfig(k=11, required={"code": 1.0})
     with pytest.raises(ValueError, match="required reward terms"):
@@ -202,7 +200,7 @@ def test_real_tiny_model_keeps_only_accepted_samples(tmp_path):
         assert set(c["rejected"]) == set(FILTERS)
     kept = read_jsonl(tmp_path / "strict.jsonl")
     assert len(kept) == counts["kept"]
-    with RewardManager(_rewards()) as rm:
+    with RewardManager(_rewards(), "r1") as rm:
         for row, score in zip(kept, rm.score([(r, r["response"]) for r in kept])):
             assert score["accuracy"] == 1.0 and score["format"] == 1.0, row
             assert row["provenance"]["finish_reason"] == "stop"

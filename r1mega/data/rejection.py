@@ -96,9 +96,9 @@ def language_mixing(cot: str, problem: str, target: str | None = None) -> float:
     return sum(1 for w in words if script_of(w) != script) / len(words)
 
 
-def measure(completion: str, problem: str, cfg: RejectionConfig) -> dict:
+def measure(completion: str, problem: str, cfg: RejectionConfig, think_open: bool = False) -> dict:
     """The readability measurements of a completion's chain of thought."""
-    cot = language.chain_of_thought(completion)
+    cot = language.chain_of_thought(completion, think_open)
     paragraphs = [p.strip() for p in _PARAGRAPH_BREAK.split(cot)]
     return {"language_mixing": language_mixing(cot, problem, cfg.language),
             "longest_paragraph": max((len(p) for p in paragraphs), default=0),
@@ -107,20 +107,6 @@ def measure(completion: str, problem: str, cfg: RejectionConfig) -> dict:
 
 def normalise(text: str) -> str:
     return " ".join(text.lower().split())
-
-
-def _check_rewards(manager, template: str, cfg: RejectionConfig) -> None:
-    """Fail early on reward settings that would reject every sample for a reason unrelated to its quality."""
-    for source, entry in manager.cfg.sources.items():
-        for term in entry.terms:
-            p = term.params
-            if (term.name == "format" and template == "r1" and p.get("style", "r1_zero") == "r1"
-                    and not p.get("think_in_prompt", False)):
-                raise ValueError(f"reward.sources.{source}: the r1 template's prompt ends with <think>; "
-                                 "set the format term's params.think_in_prompt: true")
-            if term.name == "format" and template != p.get("style", "r1_zero"):
-                raise ValueError(f"reward.sources.{source}: format style {p.get('style', 'r1_zero')!r} "
-                                 f"does not match template {template!r}")
 
 
 def rejection_sample(engine, tokenizer, rows: list[dict], template: str, rewards, cfg: RejectionConfig,
@@ -135,9 +121,10 @@ def rejection_sample(engine, tokenizer, rows: list[dict], template: str, rewards
     from r1mega.rewards import RewardManager
 
     own = not isinstance(rewards, RewardManager)
-    manager = RewardManager(rewards) if own else rewards
+    manager = RewardManager(rewards, template) if own else rewards
     try:
-        _check_rewards(manager, template, cfg)
+        if manager.template != template:
+            raise ValueError(f"rejection: the reward manager grades template {manager.template!r}, the prompts use {template!r}")
         ids = tokenizer([render(r["problem"], template) for r in rows], add_special_tokens=False)["input_ids"] if rows else []
         fits = [i for i, p in enumerate(ids) if max_model_len is None or len(p) + cfg.max_tokens <= max_model_len]
         counts = {"prompts": len(rows), "skipped_prompts": len(rows) - len(fits), "generated": 0, "kept": 0,
@@ -148,14 +135,14 @@ def rejection_sample(engine, tokenizer, rows: list[dict], template: str, rewards
             outs = engine.generate([ids[i] for i in chunk], n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                                    max_tokens=cfg.max_tokens, seed=call_seed(cfg.seed, step or 0, start))
             batch = [(rows[i], j, c, tokenizer.decode(c.token_ids, skip_special_tokens=True))
-                     for i, out in zip(chunk, outs) for j, c in enumerate(out.completions)]
+                     for i, out in zip(chunk, outs, strict=True) for j, c in enumerate(out.completions)]
             scores = manager.score([(row, text) for row, _, _, text in batch])
-            for (row, j, c, text), score in zip(batch, scores):
+            for (row, j, c, text), score in zip(batch, scores, strict=True):
                 missing = [t for t in cfg.required if t not in score]
                 if missing:
                     raise ValueError(f"rejection: required reward terms {missing} are not computed for data source "
                                      f"{row.get(manager.cfg.source_key)!r} (terms: {sorted(score)})")
-                record = _record(row, j, c, text, score, measure(text, row["problem"], cfg), template, source, step, cfg)
+                record = _record(row, j, c, text, score, measure(text, row["problem"], cfg, manager.think_open), template, source, step, cfg)
                 reason = _first_failure(record, c, score, cfg)
                 (kept if reason is None else rejected).append((reason, record))
             counts["generated"] += len(batch)

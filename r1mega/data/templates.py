@@ -23,3 +23,9 @@ def render(problem: str, template: str = "r1_zero") -> str:
     if template == "r1":
         return f"{R1_USER}{problem}{R1_ASSISTANT}<think>\n"
     raise ValueError(f"template={template!r}; expected one of {TEMPLATES}")
+
+
+def opens_think(template: str) -> bool:
+    """Whether the template's prompt ends inside an open `<think>` (r1): the completion starts in
+    the chain of thought, so its final answer can only follow a `</think>` it writes itself."""
+    return render("", template).rstrip().endswith("<think>")

@@ -3,15 +3,15 @@
 - pass@1: the mean over problems of the fraction of a problem's k samples that are correct.
 - pass@k: the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), averaged over problems.
 - cons@k: majority vote over the k extracted answers; the problem counts as solved when the
-  winning answer is correct. Answers are grouped by math-verify equivalence (so "1/2", "0.5" and
-  "\\frac{1}{2}" are one vote), a sample without an answer (None) never votes, and a tie between
-  classes goes to the class whose first member is the earliest sample.
+  winning answer is correct. Answers are grouped by symmetric math-verify equivalence (so "1/2",
+  "0.5" and "\\frac{1}{2}" are one vote), a sample without an answer (None) never votes, and the
+  outcome does not depend on the samples' order (`majority_vote`).
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from r1mega.rewards.math import accuracy
+from r1mega.rewards import math as grading
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -33,26 +33,39 @@ def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
 
 
 def same_answer(a: str, b: str) -> bool:
-    """Whether two extracted answers are equivalent, judged exactly as grading judges an answer
-    against a gold one (`rewards.math.accuracy`, math-verify). Needs a main thread (SIGALRM)."""
-    return a == b or accuracy(f"\\boxed{{{a}}}", {"answer": b}) == 1.0
+    """Whether two extracted answers are equivalent: one, graded as a prediction against the other as
+    gold (`rewards.math.equivalent`), passes, in either direction (math-verify is not symmetric:
+    gold `1 \\le x \\le 2` accepts `[1,2]`, not the reverse). Needs a main thread (SIGALRM)."""
+    return a == b or grading.equivalent(b, a) or grading.equivalent(a, b)
 
 
 def majority_vote(answers: Sequence[str | None], equivalent: Callable[[str, str], bool] = same_answer) -> int | None:
-    """Index of the sample whose answer wins the vote (the first member of the largest class of
-    equivalent answers); None when no sample has an answer. Each answer joins the first class whose
-    first member it is equivalent to. Ties: the class whose first member comes first wins."""
-    classes: list[list[int]] = []  # in order of their first member
-    for i, answer in enumerate(answers):
-        if answer is None:
-            continue
-        for members in classes:
-            if equivalent(answers[members[0]], answer):
-                members.append(i)
-                break
-        else:
-            classes.append([i])
-    return max(classes, key=len)[0] if classes else None  # max keeps the first of equal lengths
+    """Index of a sample whose answer wins the vote, None when no sample has an answer; what wins
+    does not depend on the samples' order. Answers are grouped into classes by the transitive
+    closure of `equivalent` (identical strings compared once), the largest class wins, a tie goes
+    to the class holding the smallest answer string, and the winner is the first sample holding its
+    class's smallest answer string (all samples with one answer string grade alike)."""
+    distinct = sorted({a for a in answers if a is not None})
+    if not distinct:
+        return None
+    parent = list(range(len(distinct)))  # union-find over distinct answers
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(distinct)):
+        for j in range(i + 1, len(distinct)):
+            if root(i) != root(j) and equivalent(distinct[i], distinct[j]):
+                parent[root(j)] = root(i)
+    members: dict[int, list[str]] = {}  # class root -> its distinct answers, sorted
+    for k, d in enumerate(distinct):
+        members.setdefault(root(k), []).append(d)
+    votes = {r: sum(answers.count(d) for d in ds) for r, ds in members.items()}
+    best = min(members, key=lambda r: (-votes[r], members[r][0]))
+    return answers.index(members[best][0])
 
 
 def cons_at_k(winners: Sequence[int | None], correct: Sequence[Sequence[bool]]) -> float:

@@ -11,15 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from r1mega.data.templates import render
+from r1mega.data.templates import opens_think, render
 from r1mega.eval.metrics import cons_at_k, majority_vote, mean_pass_at_k
 from r1mega.rewards.format import format_reward
 from r1mega.rewards.math import accuracy, extract_answer
 from r1mega.rewards.pool import WorkerPool
 from r1mega.rollout.engine import RolloutEngine, call_seed
-
-FORMAT_STYLE = {"r1_zero": dict(style="r1_zero"), "r1": dict(style="r1", think_in_prompt=True)}
-
 
 @dataclass
 class EvalResult:
@@ -46,18 +43,18 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], template: str =
                                 top_p=top_p, max_tokens=max_tokens, seed=call_seed(seed, start))
         if progress is not None:
             progress(len(outs), len(kept))
-    samples = []
-    for i, out in zip(kept, outs):
+    samples, think_open = [], opens_think(template)
+    for i, out in zip(kept, outs, strict=True):
         row = rows[i]
         for j, c in enumerate(out.completions):
             text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
             samples.append(dict(
                 data_source=row["data_source"], id=row["id"], sample=j, gold=row["answer"],
-                answer=extract_answer(text), format=format_reward(text, **FORMAT_STYLE[template]),
+                answer=extract_answer(text, think_open), format=format_reward(text, style=template, think_open=think_open),
                 num_tokens=len(c.token_ids), finish_reason=c.finish_reason, completion=text,
             ))
-    correct, winners = _grade(samples, k, workers, timeout_s)
-    for s, ok in zip(samples, correct):
+    correct, winners = _grade(samples, k, workers, timeout_s, think_open)
+    for s, ok in zip(samples, correct, strict=True):
         s["correct"] = ok
     result, evaluated = EvalResult(settings, samples=samples), set(kept)
     for source in dict.fromkeys(row["data_source"] for row in rows):
@@ -67,9 +64,10 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], template: str =
     return result
 
 
-def _grade(samples: list[dict], k: int, workers: int, timeout_s: float):
+def _grade(samples: list[dict], k: int, workers: int, timeout_s: float, think_open: bool):
     """(correct per sample, per problem (k consecutive samples) the index of its vote's winner or None)."""
-    checks = [(accuracy, (s["completion"], {"answer": s["gold"]}), {}, timeout_s) for s in samples]
+    checks = [(accuracy, (s["completion"], {"answer": s["gold"]}), {"think_open": think_open}, timeout_s)
+              for s in samples]
     votes = [(majority_vote, ([s["answer"] for s in samples[p:p + k]],), {}, timeout_s * k)
              for p in range(0, len(samples), k)]
     pool = WorkerPool(workers)

@@ -30,7 +30,6 @@ from r1mega.recipes.base import Base, embedded_base
 from r1mega.recipes.manifest import Manifest
 
 STAGES = ("teacher", "generate", "student")
-FORMAT = {"r1": {"style": "r1", "think_in_prompt": True}, "r1_zero": {"style": "r1_zero"}}
 
 
 def run(cfg) -> dict:
@@ -49,8 +48,6 @@ def _plan(cfg, run_dir: Path) -> list[str]:
     t = cfg.recipe.teacher
     if t.checkpoint and t.hf_dir:
         S.fail("recipe.teacher: set checkpoint or hf_dir, not both")
-    if cfg.recipe.template not in FORMAT:
-        S.fail(f"recipe.template={cfg.recipe.template!r}: expected one of {', '.join(FORMAT)}")
     return S.stages_to_run(cfg, run_dir, STAGES)
 
 
@@ -144,11 +141,12 @@ def _teacher_loader(teacher: Base):
 
 
 def reward_cfg(cfg):
-    """Correctness (and the output form) of the template's answers: accuracy + format."""
+    """Correctness (and the output form) of the template's answers: accuracy + format (whose style is
+    the template's own output form)."""
     from r1mega.rewards import RewardConfig
 
     node = OmegaConf.structured(RewardConfig)
-    terms = [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 1.0, "params": FORMAT[cfg.recipe.template]}]
+    terms = [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 1.0, "params": {"style": cfg.recipe.template}}]
     return OmegaConf.merge(node, {"sources": {"default": {"terms": terms}}, "workers": cfg.reward.workers})
 
 

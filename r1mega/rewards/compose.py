@@ -1,15 +1,17 @@
 """Reward composition: each data source names its weighted reward terms; `RewardManager` scores batches."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from r1mega.data.templates import opens_think
 from r1mega.rewards import code, format as fmt, language, math
 from r1mega.rewards.pool import WorkerPool
-from r1mega.rewards.sandbox import SandboxConfig
+from r1mega.rewards.sandbox import SandboxConfig, resolve_isolation
 
 REWARDS: dict[str, Callable[..., float]] = {
     "accuracy": math.accuracy,
@@ -45,15 +47,47 @@ def register_configs() -> None:
     ConfigStore.instance().store(group="reward", name="reward_schema", node=RewardConfig)
 
 
-class RewardManager:
-    """Scores (row, completion) pairs: `score(batch)` -> one {term: value, ..., "total": weighted sum} per pair."""
+_SET_BY_MANAGER = {"completion", "row", "think_open", "sandbox"}
 
-    def __init__(self, cfg: RewardConfig | DictConfig) -> None:
+
+def term_problems(cfg: RewardConfig, template: str | None = None, where: str = "reward") -> list[str]:
+    """One sentence per term that names an unknown reward, a parameter its function does not take (it
+    would fail inside the grading pool, where a failure scores 0.0), or a format style other than
+    the prompt `template` (when given)."""
+    p = []
+    for source, entry in cfg.sources.items():
+        for i, term in enumerate(entry.terms):
+            at = f"{where}.sources.{source}.terms[{i}]"
+            if term.name not in REWARDS:
+                p.append(f"{at}.name={term.name!r} is not one of {', '.join(sorted(REWARDS))}.")
+                continue
+            takes = set(inspect.signature(REWARDS[term.name]).parameters) - _SET_BY_MANAGER
+            for key in term.params:
+                if key in _SET_BY_MANAGER:
+                    p.append(f"{at}.params.{key} is not settable: the reward manager sets it (think_open from the "
+                             f"recipe's template).")
+                elif key not in takes:
+                    p.append(f"{at}.params.{key} is not a parameter of the {term.name} reward ({', '.join(sorted(takes))}).")
+            style = term.params.get("style", "r1_zero")
+            if term.name == "format" and template is not None and style != template:
+                p.append(f"{at}.params.style={style!r} does not match the prompt template {template!r}: no "
+                         f"completion of that template can earn it.")
+    return p
+
+
+class RewardManager:
+    """Scores (row, completion) pairs: `score(batch)` -> one {term: value, ..., "total": weighted sum} per pair.
+
+    `template` is the prompt template the completions answer (`data.templates`): when it opens
+    `<think>` every term reads the completion as starting inside the chain of thought."""
+
+    def __init__(self, cfg: RewardConfig | DictConfig, template: str) -> None:
         self.cfg: RewardConfig = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
-        for source, entry in self.cfg.sources.items():
-            for term in entry.terms:
-                if term.name not in REWARDS:
-                    raise ValueError(f"reward.sources.{source}: unknown reward {term.name!r}; known: {sorted(REWARDS)}")
+        problems = term_problems(self.cfg, template)
+        if problems:
+            raise ValueError(" ".join(problems))
+        self.template, self.think_open = template, opens_think(template)
+        self._isolation: str | None = None  # the sandbox level, resolved at the first code row
         self.pool = WorkerPool(self.cfg.workers) if self.cfg.workers > 0 else None
 
     def terms_for(self, row: dict) -> list[TermConfig]:
@@ -65,7 +99,7 @@ class RewardManager:
         raise KeyError(f"no reward terms for data source {source!r} and no default_source entry")
 
     def _task(self, term: TermConfig, row: dict, completion: str) -> tuple[Callable, tuple, dict, float]:
-        kwargs, limit = dict(term.params), self.cfg.timeout_s
+        kwargs, limit = dict(term.params, think_open=self.think_open), self.cfg.timeout_s
         if term.name == "code":
             kwargs["sandbox"] = self.cfg.sandbox
             limit += len(code.load_tests(row, kwargs.get("tests_key", "tests"))["inputs"]) * self.cfg.sandbox.wall_s
@@ -73,6 +107,10 @@ class RewardManager:
 
     def score(self, batch: list[tuple[dict, str]]) -> list[dict[str, float]]:
         plan = [(i, term) for i, (row, _) in enumerate(batch) for term in self.terms_for(row)]
+        if self._isolation is None and any(term.name == "code" for _, term in plan):
+            # Here, not in the pool, where an error would only score 0.0: a host without the
+            # requested isolation stops the first batch with code rows, saying why.
+            self._isolation = resolve_isolation(self.cfg.sandbox)
         tasks = [self._task(term, batch[i][0], batch[i][1]) for i, term in plan]
         if self.pool is not None:
             values = self.pool.run(tasks, default=0.0)

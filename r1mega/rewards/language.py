@@ -23,9 +23,10 @@ SCRIPTS = {  # language -> characters its words are made of
 MAX_CHARS = 200_000  # bounds the scan; the share is stable long before that
 
 
-def chain_of_thought(completion: str) -> str:
-    """The think block's content (to the end if unclosed); the whole text if there is none."""
-    start = completion.find("<think>")
+def chain_of_thought(completion: str, think_open: bool = False) -> str:
+    """The think block's content (to the end if unclosed); the whole text if there is none. With
+    `think_open` (the prompt opened the block) it starts at the completion's first character."""
+    start = -1 if think_open else completion.find("<think>")
     start = 0 if start < 0 else start + len("<think>")
     end = completion.find("</think>", start)
     return completion[start:] if end < 0 else completion[start:end]
@@ -43,8 +44,8 @@ def count_in_language(ws: list[str], language: str) -> int:
     return sum(1 for w in ws if in_language.fullmatch(w))
 
 
-def consistency(completion: str, row: dict | None = None, language: str = "en") -> float:
+def consistency(completion: str, row: dict | None = None, language: str = "en", think_open: bool = False) -> float:
     """Share of the chain of thought's words written in `language`; 0.0 if it has no words."""
-    ws = words(chain_of_thought(completion))
+    ws = words(chain_of_thought(completion, think_open))
     n = count_in_language(ws, language)  # validates `language` even without words
     return n / len(ws) if ws else 0.0
