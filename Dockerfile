@@ -3,6 +3,8 @@
 ARG NGC_TAG=25.09
 FROM nvcr.io/nvidia/pytorch:${NGC_TAG}-py3
 
+# bubblewrap: the code reward's file-system isolation (README "Code sandbox").
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/r1mega
 COPY pyproject.toml README.md ./
 COPY r1mega ./r1mega

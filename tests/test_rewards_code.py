@@ -3,6 +3,7 @@
 Each adversarial program first tries its trick and, only if the trick worked, prints the right
 answer: a sandbox that lets the trick through shows up as a non-zero reward.
 """
+import json
 import os
 import socket
 import tempfile
@@ -12,12 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from r1mega.rewards.code import last_python_block, pass_rate
-from r1mega.rewards.sandbox import SandboxConfig, namespaces_available
+from r1mega.rewards import sandbox
+from r1mega.rewards.code import last_python_block, load_tests, pass_rate
+from r1mega.rewards.sandbox import SandboxConfig, bwrap_problem, namespaces_available, resolve_isolation, run_python
 
 SUM_TESTS = {"inputs": ["1 2\n", "3 4\n"], "outputs": ["3\n", "7\n"]}
 SOLVE = "a, b = map(int, input().split())\nprint(a + b)\n"
-FAST = dict(cpu_s=1, wall_s=2.0, memory_mb=512)
+# "auto" (bubblewrap) where it runs; elsewhere these tests still check the remaining layers.
+FAST = dict(cpu_s=1, wall_s=2.0, memory_mb=512,
+            isolation="auto" if not bwrap_problem() else "namespace" if namespaces_available() else "audit")
 
 
 def fenced(code: str) -> str:
@@ -34,7 +38,7 @@ def no_sandbox_processes_left() -> bool:
     time.sleep(0.2)
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if b"r1mega-sandbox-" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"_sandbox_boot.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return False
         except OSError:
             pass
@@ -114,7 +118,7 @@ def test_shell_and_subprocess(outside_dir):
         assert not target.exists(), code
 
 
-isolations = ["audit"] + (["namespace"] if namespaces_available() else [])
+isolations = ["audit"] + (["namespace"] if namespaces_available() else []) + ([] if bwrap_problem() else ["bwrap"])
 
 
 @pytest.mark.parametrize("isolation", isolations)
@@ -174,3 +178,39 @@ HARNESS_ATTACKS = {
 def test_harness_cannot_be_patched_or_skipped(name):
     assert score(HARNESS_ATTACKS[name], CALL_TESTS)[0] == 0.0
     assert score("def add(a, b):\n    return a + b\n", CALL_TESTS)[0] == 1.0
+
+
+def test_auto_isolation_refuses_a_host_without_bubblewrap(monkeypatch):
+    monkeypatch.setattr(sandbox, "bwrap_problem", lambda python="": "bwrap is not installed")
+    for level in ("auto", "bwrap"):
+        with pytest.raises(RuntimeError, match="bwrap is not installed.*isolation=namespace or audit"):
+            run_python(SOLVE, "1 2\n", SandboxConfig(isolation=level))
+    assert resolve_isolation(SandboxConfig(isolation="audit")) == "audit"  # an explicit opt-out still runs
+    assert run_python(SOLVE, "1 2\n", SandboxConfig(**{**FAST, "isolation": "audit"})).stdout == "3\n"
+    with pytest.raises(ValueError, match="sandbox.isolation must be one of"):
+        resolve_isolation(SandboxConfig(isolation="chroot"))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"problem": "p"}, r"row\['tests'\] is missing"),
+    ({"tests": {"outputs": ["3\n"]}}, r"row\['tests'\]\['inputs'\] must be a list, got NoneType"),
+    ({"tests": {"inputs": "1 2\n", "outputs": ["3\n"]}}, r"row\['tests'\]\['inputs'\] must be a list, got str"),
+    ({"tests": {"inputs": ["1 2\n"], "outputs": "3\n"}}, r"row\['tests'\]\['outputs'\] must be a list, got str"),
+    ({"tests": {"inputs": ["1 2\n", "3 4\n"], "outputs": ["3\n"]}}, r"row\['tests'\] has 2 inputs but 1 outputs"),
+    ({"tests": {"fn_name": 7, "inputs": [[1, 2]], "outputs": [3]}},
+     r"row\['tests'\]\['fn_name'\] must be a string, got int"),
+    ({"tests": {"fn_name": "add", "inputs": [3], "outputs": [3]}},
+     r"row\['tests'\]\['inputs'\]\[0\] must be a list \(arguments of add\)"),
+    ({"tests": {"inputs": [["1 2"]], "outputs": ["3\n"]}}, r"row\['tests'\]\['inputs'\]\[0\] must be a str \(stdin\)"),
+    ({"tests": "[1, 2]"}, r"row\['tests'\] must be an object with 'inputs' and 'outputs', got list"),
+    ({"tests": "{not json"}, r"row\['tests'\] is not valid JSON"),
+])
+def test_malformed_tests_are_rejected(row, message):
+    with pytest.raises(ValueError, match=message):
+        load_tests(row)
+    with pytest.raises(ValueError, match=message):  # before any sandbox run
+        pass_rate(fenced(SOLVE), row)
+
+
+def test_tests_may_be_json_text():
+    assert load_tests({"tests": json.dumps(SUM_TESTS)}) == SUM_TESTS

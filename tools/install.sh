@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # pip warns once per package about our machines' empty local index mirrors; keep real errors.
 pip() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory\|Running pip as the 'root' user" >&2); }
+# bubblewrap isolates the code reward's sandbox (sandbox.isolation=auto needs it); root + apt-get install it.
+apt_bwrap() { apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; }; }
+if ! command -v bwrap >/dev/null \
+    && ! { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt_bwrap >/dev/null 2>&1; }; then
+  echo "install.sh: bubblewrap missing (installing it needs root + apt-get): the code reward needs it, or sandbox.isolation=namespace|audit"
+fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==2.13.0" > "$constraints"

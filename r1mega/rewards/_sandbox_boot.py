@@ -1,6 +1,6 @@
 """First code run inside the sandbox: rlimits, then an audit hook the program cannot remove, then the program.
 
-Kernel-level limits (rlimits, a user/network/pid namespace, an unprivileged uid) are the real
+Kernel-level limits (rlimits, bubblewrap's or unshare's namespaces, an unprivileged uid) are the real
 boundary; the audit hook is a second layer that also covers hosts without namespaces. It is
 written without global lookups so rebinding module attributes cannot switch it off.
 Usage: python -I -S _sandbox_boot.py LIMITS_JSON PROGRAM

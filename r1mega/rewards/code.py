@@ -35,8 +35,9 @@ write("\\n" + spec["nonce"] + dumps(result) + "\\n")
 """
 
 
-def last_python_block(completion: str) -> str | None:
-    blocks = _FENCE.findall(final_region(completion))
+def last_python_block(completion: str, think_open: bool = False) -> str | None:
+    """The last fenced Python block of the final region (`rewards.math.final_region`), or None."""
+    blocks = _FENCE.findall(final_region(completion, think_open))
     return blocks[-1] if blocks and len(blocks[-1]) <= MAX_CODE_CHARS else None
 
 
@@ -65,24 +66,53 @@ def _run_call_test(code: str, fn_name: str, args: list, expected, cfg: SandboxCo
 
 
 def load_tests(row: dict, tests_key: str = "tests") -> dict:
+    """The row's tests (a dict or its JSON text) as {"inputs": [...], "outputs": [...], "fn_name"?: str}.
+
+    Raises ValueError, one sentence naming the row field, when they are missing or malformed.
+    """
+    field = f"row[{tests_key!r}]"
+    if tests_key not in row:
+        raise ValueError(f"{field} is missing: code rows need tests")
     tests = row[tests_key]
-    return json.loads(tests) if isinstance(tests, str) else tests
+    if isinstance(tests, str):
+        try:
+            tests = json.loads(tests)
+        except ValueError as e:
+            raise ValueError(f"{field} is not valid JSON ({e})") from None
+    if not isinstance(tests, dict):
+        raise ValueError(f"{field} must be an object with 'inputs' and 'outputs', got {type(tests).__name__}")
+    for key in ("inputs", "outputs"):
+        if not isinstance(tests.get(key), list):
+            raise ValueError(f"{field}[{key!r}] must be a list, got {type(tests.get(key)).__name__}")
+    if len(tests["inputs"]) != len(tests["outputs"]):
+        raise ValueError(f"{field} has {len(tests['inputs'])} inputs but {len(tests['outputs'])} outputs")
+    fn_name = tests.get("fn_name")
+    if fn_name is not None and not isinstance(fn_name, str):
+        raise ValueError(f"{field}['fn_name'] must be a string, got {type(fn_name).__name__}")
+    kind = list if fn_name else str  # an argument list per call, or a program's stdin
+    for i, inp in enumerate(tests["inputs"]):
+        if not isinstance(inp, kind):
+            raise ValueError(f"{field}['inputs'][{i}] must be a {kind.__name__} "
+                             f"({'arguments of ' + fn_name if fn_name else 'stdin'}), got {type(inp).__name__}")
+    return tests
 
 
 def run_tests(code: str, tests: dict, cfg: SandboxConfig) -> list[bool]:
     fn_name = tests.get("fn_name")
+    cases = zip(tests["inputs"], tests["outputs"], strict=True)
     if fn_name:
-        return [_run_call_test(code, fn_name, args, out, cfg) for args, out in zip(tests["inputs"], tests["outputs"])]
-    return [_run_stdin_test(code, inp, out, cfg) for inp, out in zip(tests["inputs"], tests["outputs"])]
+        return [_run_call_test(code, fn_name, args, out, cfg) for args, out in cases]
+    return [_run_stdin_test(code, inp, out, cfg) for inp, out in cases]
 
 
 def pass_rate(completion: str, row: dict, mode: str = "fraction", tests_key: str = "tests",
-              sandbox: SandboxConfig | None = None) -> float:
-    """Fraction of the row's tests passed (`fraction`), or 1.0 only if all pass (`all`)."""
+              sandbox: SandboxConfig | None = None, think_open: bool = False) -> float:
+    """Fraction of the row's tests passed (`fraction`), or 1.0 only if all pass (`all`); the code is
+    the last Python block after the chain of thought (`think_open`: the prompt opened it)."""
     if mode not in ("fraction", "all"):
         raise ValueError(f"code reward mode must be 'fraction' or 'all', got {mode!r}")
     tests = load_tests(row, tests_key)
-    code = last_python_block(completion)
+    code = last_python_block(completion, think_open)
     if code is None or not tests["inputs"]:
         return 0.0
     passed = run_tests(code, tests, sandbox or SandboxConfig())
