@@ -4,7 +4,11 @@ attention boundaries, so no token attends across samples and padding is only wha
 Each sample is a dict of equal-length 1-D tensors (`tokens` plus any per-token fields: targets,
 loss masks, log-probs, advantages). Samples are placed first-fit-decreasing into bins of
 `max_tokens`; every bin becomes one `[1, T]` row (all rows padded to the same T, which pipeline
-parallelism needs). Boundaries travel in the form the attention kernel takes:
+parallelism needs, and to a multiple of `pad_to_multiple`, which sequence parallelism needs).
+The limit is strict: T <= `max_tokens` always. A sample longer than `max_tokens` is an error
+(ValueError naming the sample, its length and the limit), never a larger microbatch, and
+`max_tokens` must be a multiple of `pad_to_multiple` so that padding never pushes T past it.
+Boundaries travel in the form the attention kernel takes:
 - `thd=False` (local spec, CPU): a `[1, 1, T, T]` boolean mask, True = masked, block-diagonal causal.
 - `thd=True` (Transformer Engine): megatron's `PackedSeqParams` with `cu_seqlens`.
 RoPE only sees position differences inside a sequence, so packed logits equal unpacked ones.
@@ -29,6 +33,19 @@ class Packed:
         return self.real_tokens / max(self.total_tokens, 1)
 
 
+def _check(lengths: list[int], max_tokens: int, pad_to_multiple: int, caller: str) -> None:
+    """ValueError unless every sample fits one microbatch of `max_tokens` tokens, padding included."""
+    if pad_to_multiple < 1 or max_tokens < pad_to_multiple or max_tokens % pad_to_multiple:
+        raise ValueError(f"{caller}: max_tokens={max_tokens} must be a positive multiple of pad_to_multiple="
+                         f"{pad_to_multiple} (microbatches are padded to that multiple and must stay within max_tokens)")
+    for i, n in enumerate(lengths):
+        if n < 1:
+            raise ValueError(f"{caller}: sample {i} has no tokens")
+        if n > max_tokens:
+            raise ValueError(f"{caller}: sample {i} has {n} tokens, more than max_tokens={max_tokens} "
+                             f"(the tokens of one microbatch)")
+
+
 def _bins(lengths: list[int], max_tokens: int, min_bins: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     bins: list[list[int]] = []
@@ -51,8 +68,10 @@ def _bins(lengths: list[int], max_tokens: int, min_bins: int) -> list[list[int]]
     return [sorted(b) for b in bins] + [[] for _ in range(min_bins - len(bins))]
 
 
-def num_microbatches(lengths: list[int], max_tokens: int, min_microbatches: int = 1) -> int:
-    """How many microbatches `pack` makes of samples with these lengths (no samples: `min_microbatches`)."""
+def num_microbatches(lengths: list[int], max_tokens: int, min_microbatches: int = 1, pad_to_multiple: int = 1) -> int:
+    """How many microbatches `pack` makes of samples with these lengths in tokens (no samples:
+    `min_microbatches`). Raises ValueError as `pack` does."""
+    _check(lengths, max_tokens, pad_to_multiple, "num_microbatches")
     return max(len(_bins(lengths, max_tokens, 1)), min_microbatches)
 
 
@@ -72,9 +91,14 @@ def pack(
     min_microbatches: int = 1,
     pad_id: int = 0,
 ) -> Packed:
+    """`samples` in at least `min_microbatches` microbatches of T tokens each, T the fullest bin's
+    token count rounded up to `pad_to_multiple`, so T <= `max_tokens`. Raises ValueError without
+    samples, for a sample of no tokens or of more than `max_tokens` tokens (naming its index, length
+    and the limit), and unless `max_tokens` is a positive multiple of `pad_to_multiple`."""
     if not samples:
         raise ValueError("pack: no samples")
     lengths = [len(s["tokens"]) for s in samples]
+    _check(lengths, max_tokens, pad_to_multiple, "pack")
     bins = _bins(lengths, max_tokens, min_microbatches)
     longest = max(sum(lengths[i] for i in b) for b in bins)
     total = -(-longest // pad_to_multiple) * pad_to_multiple
@@ -143,12 +167,15 @@ def pack_dp_share(
     tokens), packed into as many microbatches as the rank that needs the most (expert-parallel
     all-to-alls pair microbatches across DP ranks), padding-only ones where needed. Placement indices
     refer to `samples`; a rank with no sample packs one all-zero token of index -1 (zero it out of
-    the loss by its zero mask). Raises ValueError without samples."""
+    the loss by its zero mask). Raises ValueError without samples and as `pack` does (the index is
+    the sample's in `samples`), on every rank alike."""
     if not samples:
         raise ValueError("pack_dp_share: no samples")
     lengths = [len(s["tokens"]) for s in samples]
+    _check(lengths, max_tokens, pad_to_multiple, "pack_dp_share")
     shares = dp_shares(lengths, group_size, dp)
-    count = max(num_microbatches([lengths[i] for i in share], max_tokens, min_microbatches) for share in shares)
+    count = max(num_microbatches([lengths[i] for i in share], max_tokens, min_microbatches, pad_to_multiple)
+                for share in shares)
     mine = shares[dp_rank]
     parts = [samples[i] for i in mine] or [{k: v[:1] * 0 for k, v in samples[0].items()}]
     index = mine or [-1]

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 from r1mega.data import arithmetic
-from r1mega.data.jsonl import DataError, read_jsonl
+from r1mega.data.jsonl import SCHEMAS, DataError, read_jsonl
 from r1mega.data.templates import render
 
 
@@ -20,8 +20,9 @@ def data_dir(cfg) -> Path:
 
 def load_rows(cfg, split: str) -> list[dict]:
     """`split` is "train" or "eval"; rows get `id`, `problem`, `answer` and `data_source` keys.
-    `eval_limit` keeps the first N eval rows of either source. A JSONL file must have rows, each with a
-    non-empty prompt and answer (a `DataError` names the file, line and field otherwise)."""
+    `eval_limit` keeps the first N eval rows of either source. A JSONL file must have rows, each of
+    `SCHEMAS["prompts"]` (a non-empty prompt and gold answer under `prompt_key` / `answer_key`; an
+    `id` unique in the file); a `DataError` names the file, line and field otherwise."""
     limit = cfg.eval_limit if split == "eval" else None
     if cfg.source == "arithmetic":
         return arithmetic.rows(cfg.arithmetic, "rl" if split == "train" else "eval")[:limit]
@@ -32,8 +33,8 @@ def load_rows(cfg, split: str) -> list[dict]:
         raise DataError(f"data.{split}_file is not set for data={cfg.name}")
     path = Path(name) if Path(name).is_absolute() else data_dir(cfg) / name
     rows = []
-    keys = [cfg.prompt_key, cfg.answer_key]
-    for i, r in enumerate(read_jsonl(path, required=keys, nonblank=keys, allow_empty=False)):
+    schema = SCHEMAS["prompts"].renamed(problem=cfg.prompt_key, answer=cfg.answer_key)
+    for i, r in enumerate(read_jsonl(path, schema, allow_empty=False)):
         rows.append({**r, "id": r.get("id", f"{path.stem}-{i}"), "problem": r[cfg.prompt_key],
                      "answer": r[cfg.answer_key], "data_source": cfg.data_source or r.get("data_source", cfg.name)})
     return rows[:limit]

@@ -20,14 +20,15 @@ def _number(x) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-# name -> (required keys, row -> (id, problem, answer)); GSM8K rows have no id: the line number is used.
-_SPECS: dict[str, tuple[tuple, Callable[[dict, int], tuple]]] = {
-    "aime24": (("id", "problem", "answer"), lambda r, i: (r["id"], r["problem"], str(r["answer"]))),
-    "amc23": (("id", "problem", "answer"), lambda r, i: (r["id"], r["problem"], _number(r["answer"]))),
-    "math500": (("unique_id", "problem", "answer"), lambda r, i: (r["unique_id"], r["problem"], r["answer"])),
-    "gsm8k": (("question", "answer"), lambda r, i: (i, r["question"], gold_answer(r["answer"]))),
+# name -> row -> (id, problem, answer); each file's schema is `SCHEMAS[name]`. GSM8K rows have no
+# id: the row's index is used.
+_FIELDS: dict[str, Callable[[dict, int], tuple]] = {
+    "aime24": lambda r, i: (r["id"], r["problem"], str(r["answer"])),
+    "amc23": lambda r, i: (r["id"], r["problem"], _number(r["answer"])),
+    "math500": lambda r, i: (r["unique_id"], r["problem"], r["answer"]),
+    "gsm8k": lambda r, i: (i, r["question"], gold_answer(r["answer"])),
 }
-BENCHMARKS = tuple(_SPECS)
+BENCHMARKS = tuple(_FIELDS)
 
 
 def data_dir() -> Path:
@@ -35,17 +36,15 @@ def data_dir() -> Path:
 
 
 def load(name: str, limit: int | None = None, root: str | Path | None = None) -> list[dict]:
-    """The first `limit` rows (all when None) of benchmark `name`."""
-    if name not in _SPECS:
+    """The first `limit` rows (all when None) of benchmark `name`. Every row of the file is checked
+    against `SCHEMAS[name]` first: a `DataError` names the file, line and field of a bad one."""
+    if name not in _FIELDS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be at least 1 (the first N problems of each benchmark).")
-    required, fields = _SPECS[name]
-    text = [k for k in required if k != "id" and k != "unique_id"]  # the problem and its gold answer
-    rows = read_jsonl(Path(root or data_dir()) / "eval" / f"{name}.jsonl", required, nonblank=text,
-                      allow_empty=False)[:limit]
+    rows = read_jsonl(Path(root or data_dir()) / "eval" / f"{name}.jsonl", name, allow_empty=False)[:limit]
     out = []
     for i, row in enumerate(rows):
-        id_, problem, answer = fields(row, i)
+        id_, problem, answer = _FIELDS[name](row, i)
         out.append({"id": f"{name}/{id_}", "problem": problem, "answer": answer, "data_source": name})
     return out

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from r1mega.data import arithmetic
-from r1mega.data.jsonl import read_jsonl, read_sft_rows, write_jsonl
+from r1mega.data.jsonl import DataError, read_jsonl, read_sft_rows, write_jsonl
 from r1mega.parallel import interrupt
 from r1mega.parallel.state import barrier, broadcast_object, is_rank0
 from r1mega.trainer.metrics import MetricsLogger, plot_curves
@@ -240,8 +240,7 @@ def sft_stage(cfg: DictConfig, name: str, stage_dir: Path, init: Optional[Callab
 
 
 def _loss_summary(path: Path) -> dict:
-    rows = broadcast_object([json.loads(x) for x in path.read_text().splitlines() if x.strip()] if is_rank0() and path.exists()
-                     else [])
+    rows = _read_on_rank0(lambda: read_jsonl(path, "metrics") if path.exists() else [])
     if not rows:
         return {}
     return {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
@@ -363,7 +362,20 @@ def rejection_sample(sampler: PolicySampler, rows: list[dict], template: str, re
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    return broadcast_object(read_jsonl(path) if is_rank0() else None)
+    """SFT rows a stage wrote (rejection-sampled, distilled, mixed), checked as `load_sft_rows` does."""
+    return _read_on_rank0(lambda: read_sft_rows(path))
+
+
+def _read_on_rank0(read: Callable[[], list[dict]]) -> list[dict]:
+    """`read()` on rank 0, its rows (or its `DataError`, raised) on every rank: no rank waits forever."""
+    try:
+        out = read() if is_rank0() else None
+    except DataError as e:
+        out = e
+    out = broadcast_object(out)
+    if isinstance(out, DataError):
+        raise out
+    return out
 
 
 def selected_stage(cfg) -> Optional[str]:

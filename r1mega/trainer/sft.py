@@ -32,7 +32,7 @@ class SFTConfig:
     steps: int = 100  # optimizer steps (a run of `epochs` over the data stops early when they end)
     epochs: int = 1
     batch_size: int = 64  # samples per optimizer step
-    max_tokens: int = 1024  # tokens per packed microbatch; longer samples are dropped by rows_to_samples
+    max_tokens: int = 1024  # tokens per packed microbatch; rows_to_samples drops (and counts) longer samples
     loss_on_prompt: bool = False
     seed: int = 0
     # lr schedule over the stage (`with_schedule`); lr=None keeps the run's `optim` settings.
@@ -52,7 +52,9 @@ def sft_sample(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: i
 
 def rows_to_samples(rows: list[dict], tokenizer, template: str = "r1", max_tokens: int | None = None,
                     loss_on_prompt: bool = False) -> tuple[list[dict], int]:
-    """(samples, number dropped for exceeding `max_tokens`) from SFT rows (`r1mega.data.chat.sft_text`).
+    """(samples, number dropped) from SFT rows (`r1mega.data.chat.sft_text`): a sample of more than
+    `max_tokens` tokens (prompt + response + EOS) is dropped and counted, never cut; the caller reports
+    the count (`r1mega.recipes.stages.sft_stage` prints it and keeps it as `dropped` in the stage summary).
     Prompt and response are tokenized separately: the model generates the response after the prompt's tokens."""
     from r1mega.data.chat import sft_text
 
@@ -102,8 +104,9 @@ def with_schedule(run_cfg, cfg: SFTConfig, num_samples: int):
 
 
 def sft_step(engine, samples: list[dict], max_tokens: int, thd: bool = False) -> dict:
-    """One optimizer step over `samples`; returns loss (mean NLL per token over the step), grad norm, lr,
-    packing efficiency and this rank's real tokens."""
+    """One optimizer step over `samples`, packed into microbatches of at most `max_tokens` tokens;
+    returns loss (mean NLL per token over the step), grad norm, lr, packing efficiency and this rank's
+    real tokens. A sample longer than `max_tokens` raises ValueError (`r1mega.data.packing.pack`)."""
     from r1mega.parallel.state import data_parallel
 
     par = engine.cfg.parallel

@@ -1,0 +1,65 @@
+"""Sequence packing's limits are strict: no microbatch is ever longer than `max_tokens`, padding included;
+a sample that cannot fit is an error naming it, its length and the limit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1mega.data.packing import num_microbatches, pack, pack_dp_share
+
+
+def _samples(lengths: list[int]) -> list[dict]:
+    return [{"tokens": torch.arange(1, n + 1), "mask": torch.ones(n)} for n in lengths]
+
+
+def test_a_sample_longer_than_max_tokens_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"^pack: sample 0 has 20 tokens, more than max_tokens=16 "):
+        pack(_samples([20, 3]), max_tokens=16)
+    with pytest.raises(ValueError, match=r"^pack: sample 1 has 17 tokens, more than max_tokens=16 "):
+        pack(_samples([3, 17]), max_tokens=16)
+    with pytest.raises(ValueError, match=r"^num_microbatches: sample 0 has 20 tokens, more than max_tokens=16 "):
+        num_microbatches([20, 3], 16)
+    with pytest.raises(ValueError, match=r"^pack: sample 1 has no tokens$"):
+        pack(_samples([3, 0]), max_tokens=16)
+
+
+def test_dp_share_names_the_sample_by_its_index_in_the_whole_batch():
+    # Sample 3 would land on rank 1 (groups of 2): every rank raises, with the global index.
+    for rank in (0, 1):
+        with pytest.raises(ValueError, match=r"^pack_dp_share: sample 3 has 9 tokens, more than max_tokens=8 "):
+            pack_dp_share(_samples([2, 2, 2, 9]), 8, dp_rank=rank, dp=2, group_size=2)
+
+
+def test_a_sample_of_exactly_max_tokens_fits():
+    packed = pack(_samples([16, 3]), max_tokens=16)
+    assert [mb["tokens"].shape for mb in packed.microbatches] == [torch.Size([1, 16])] * 2
+    assert packed.placement == [[(0, 0, 16)], [(1, 0, 3)]]
+
+
+def test_first_fit_decreasing_exact_placement():
+    packed = pack(_samples([5, 3, 9]), max_tokens=10)
+    assert packed.placement == [[(2, 0, 9)], [(0, 0, 5), (1, 5, 3)]]
+    assert [mb["tokens"].shape[1] for mb in packed.microbatches] == [9, 9]
+    assert packed.microbatches[1]["tokens"].tolist() == [[1, 2, 3, 4, 5, 1, 2, 3, 0]]
+    assert (packed.real_tokens, packed.total_tokens) == (17, 18)
+
+
+def test_padding_to_a_multiple_stays_within_max_tokens():
+    # The fullest bin (10 tokens) pads to 12, a multiple of 4, still <= 16.
+    assert pack(_samples([7, 3]), max_tokens=16, pad_to_multiple=4).microbatches[0]["tokens"].shape == (1, 12)
+    # A bin filled to 16 needs no padding; the other row pads to the same 16.
+    packed = pack(_samples([16, 5, 3]), max_tokens=16, pad_to_multiple=4)
+    assert [mb["tokens"].shape[1] for mb in packed.microbatches] == [16, 16]
+    # max_tokens must be a multiple of pad_to_multiple: 15 tokens would pad to 16.
+    for call in (lambda: pack(_samples([15]), max_tokens=15, pad_to_multiple=2),
+                 lambda: num_microbatches([15], 15, pad_to_multiple=2),
+                 lambda: pack_dp_share(_samples([15]), 15, 0, 1, pad_to_multiple=2)):
+        with pytest.raises(ValueError, match=r"max_tokens=15 must be a positive multiple of pad_to_multiple=2"):
+            call()
+
+
+def test_min_microbatches_splits_within_the_limit():
+    packed = pack(_samples([4, 4, 4, 4]), max_tokens=16, min_microbatches=3)
+    assert len(packed.microbatches) == 3
+    assert max(mb["tokens"].shape[1] for mb in packed.microbatches) == 8
+    assert sorted(i for place in packed.placement for i, _, _ in place) == [0, 1, 2, 3]
