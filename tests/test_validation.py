@@ -82,6 +82,7 @@ def _schemas():
     """Every schema class reachable from the main config, the eval CLI and the planner."""
     import r1mega.config.recipes as recipes
     import r1mega.config.schema as schema
+    from r1mega.algorithms.correction import RolloutCorrectionConfig
     from r1mega.algorithms.grpo import GRPOConfig
     from r1mega.data.rejection import RejectionConfig
     from r1mega.eval.config import EvalOptions
@@ -91,7 +92,7 @@ def _schemas():
 
     mods = [getattr(schema, n) for n in dir(schema)] + [getattr(recipes, n) for n in dir(recipes)]
     out = {c for c in mods if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__.startswith("r1mega")}
-    return out | {GRPOConfig, RejectionConfig, EvalOptions, ClusterConfig, PlanConfig, RewardConfig, TermConfig, SandboxConfig}
+    return out | {GRPOConfig, RolloutCorrectionConfig, RejectionConfig, EvalOptions, ClusterConfig, PlanConfig, RewardConfig, TermConfig, SandboxConfig}
 
 
 # Fields whose every value is legal (or checked by a rule across fields / at load time, as named).

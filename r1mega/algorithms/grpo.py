@@ -1,11 +1,13 @@
 """The GRPO objective (R1 paper eq. 1-2) with the variants its users rely on (DAPO, Dr.GRPO, dual clip)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
+
+from r1mega.algorithms.correction import RolloutCorrectionConfig
 
 LOSS_AGG = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 
@@ -33,6 +35,14 @@ class GRPOConfig:
     # trained. RL frameworks (verl, NeMo-RL) drop MTP: the GRPO objective has no MTP term, and on the
     # policy's own samples it only keeps the MTP head in step with the policy (for speculative decoding).
     mtp_loss_coef: float = 0.0
+    # The PPO ratio's denominator pi_old: `trainer` recomputes the sampled tokens' log-probs with the
+    # policy before the update (one forward pass); `engine` takes vLLM's own log-probs and skips that
+    # pass, so the ratio is against the policy that actually sampled (the engine as behaviour policy,
+    # verl's "bypass" mode). `engine` needs recipe.temperature 1 (the engine reports temperature-1 log-probs).
+    old_logp_source: str = "trainer"
+    # Importance weights for the gap between engine and trainer log-probs (r1mega.algorithms.correction);
+    # with old_logp_source=engine the ratio is 1 and they change nothing.
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 def register_configs() -> None:
@@ -80,12 +90,16 @@ def grpo_loss(
     normalizer: Optional[float] = None,
     ref_logp: Optional[torch.Tensor] = None,
     entropy: Optional[torch.Tensor] = None,
+    is_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This batch's share of the loss to minimise, -(clipped surrogate - beta * KL), and its stats.
 
     `logp`, `old_logp`, `ref_logp`, `entropy`, `response_mask`: `[B, T]`; `advantages`: `[B]`, one
     per output (eq. 3), applied to each of its tokens. Only `logp` carries gradient. `ref_logp` is
-    required when `cfg.kl_coef` is not 0.
+    required when `cfg.kl_coef` is not 0. `is_weight` (`[B, T]`, detached; None = 1): the rollout
+    correction's importance weight (`r1mega.algorithms.correction.rollout_is_weight`), multiplying each
+    token's clipped surrogate, not its KL term; a token of weight 0 adds no surrogate but stays in the
+    normaliser.
 
     `normalizer`: the mini-batch's global count (`loss_normalizer` summed over every microbatch and
     data-parallel rank of the optimizer step), so that the shares of all microbatches and ranks add up
@@ -106,6 +120,8 @@ def grpo_loss(
         # A < 0 and rho far above 1: the min picks -|A| rho, unbounded; cap its magnitude at c|A|.
         dual = (adv < 0) & (surrogate < cfg.dual_clip_c * adv)
         surrogate = torch.where(dual, cfg.dual_clip_c * adv, surrogate)
+    if is_weight is not None:
+        surrogate = surrogate * is_weight.detach().to(surrogate)
     per_token = -surrogate
 
     kl = None

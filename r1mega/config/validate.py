@@ -88,10 +88,22 @@ def _loss_aggs():
     return LOSS_AGG
 
 
+def _correction_modes():
+    from r1mega.algorithms.correction import MODES
+
+    return MODES
+
+
 def _benchmarks():
     from r1mega.eval.benchmarks import BENCHMARKS
 
     return BENCHMARKS
+
+
+def _isolations():
+    from r1mega.rewards.sandbox import ISOLATIONS
+
+    return ISOLATIONS
 
 
 def _scripts():
@@ -172,11 +184,16 @@ RANGES: dict[str, dict[str, Rule]] = {
         clip_eps_high=NON_NEGATIVE, dual_clip_c=Rule(lo=1, lo_open=True).because("the dual clip bound is c > 1"),
         kl_coef=NON_NEGATIVE, ref_update_optimizer_steps=at_least(1), loss_agg=Rule(choices=_loss_aggs),
         norm_length=POSITIVE_INT, adv_eps=NON_NEGATIVE, ppo_epochs=at_least(1), num_mini_batches=at_least(1),
-        mtp_loss_coef=NON_NEGATIVE),
+        mtp_loss_coef=NON_NEGATIVE, old_logp_source=one_of("trainer", "engine")),
+    "RolloutCorrectionConfig": dict(
+        mode=Rule(choices=_correction_modes),
+        tis_cap=Rule(lo=1, lo_open=True).because("importance weights are truncated at C > 1"),
+        mis_low=Rule(lo=0, hi=1, lo_open=True, hi_open=True).because("the kept ratios [mis_low, mis_high] must contain 1"),
+        mis_high=Rule(lo=1, lo_open=True).because("the kept ratios [mis_low, mis_high] must contain 1")),
     "RewardConfig": dict(workers=NON_NEGATIVE.because("0 grades inline"), timeout_s=POSITIVE),
     "TermConfig": dict(weight=Rule()),
     "SandboxConfig": dict(cpu_s=at_least(1), wall_s=POSITIVE, memory_mb=at_least(1), file_mb=at_least(1),
-                          nproc=at_least(1), output_kb=at_least(1), isolation=one_of("auto", "namespace", "audit")),
+                          nproc=at_least(1), output_kb=at_least(1), isolation=Rule(choices=_isolations)),
     # The evaluation CLI (`python -m r1mega.eval`, r1mega.eval.config.EvalOptions).
     "EvalOptions": dict(k=POSITIVE_INT, temperature=NON_NEGATIVE, top_p=TOP_P, max_tokens=POSITIVE_INT,
                         limit=at_least(1).because("the first N problems of each benchmark"), template=one_of(*TEMPLATES),
@@ -266,10 +283,22 @@ def _preset_problems(path: str, group: str, name) -> list[str]:
     return [f"{path}={name!r} is not a conf/{group} preset (known: {', '.join(known)})."]
 
 
+def _rollout_correction_problems(algo, where: str, r, run: str) -> list[str]:
+    """Sampling temperature 1 wherever the engine's log-probs (reported at temperature 1) meet the
+    trainer's (computed at `run`.temperature)."""
+    mode, source = algo.rollout_correction.mode, algo.old_logp_source
+    temperature = getattr(r, "temperature", 1.0)
+    if temperature == 1.0 or (mode == "none" and source != "engine"):
+        return []
+    what = f"{where}.rollout_correction.mode={mode}" if mode != "none" else f"{where}.old_logp_source=engine"
+    return [f"{what} needs {run}.temperature=1.0, not {temperature} (the engine reports log-probs at "
+            f"temperature 1, the trainer at the sampling temperature, so their ratio would measure the temperature)."]
+
+
 def _grpo_problems(algo, where: str, r, run: str) -> list[str]:
     """GRPO knobs against each other and against the run `r` (a recipe or an RL stage) that uses them;
     `where` is where the algorithm's fields are set (`algorithm`, or a stage's merged `algorithm`)."""
-    p = []
+    p = _rollout_correction_problems(algo, where, r, run)
     if algo.std_normalize and algo.adv_eps <= 0:
         p.append(f"{where}.adv_eps={algo.adv_eps} must be positive while {where}.std_normalize=true "
                  f"(a group whose rewards are all equal would divide 0 by 0).")
@@ -288,15 +317,10 @@ def _lr_problems(node, where: str) -> list[str]:
     return []
 
 
-def _reward_problems(rew, where: str) -> list[str]:
-    from r1mega.rewards.compose import REWARDS
+def _reward_problems(rew, where: str, template: str | None) -> list[str]:
+    from r1mega.rewards.compose import term_problems
 
-    p = []
-    for source, entry in rew.sources.items():
-        for i, term in enumerate(entry.terms):
-            if term.name not in REWARDS:
-                p.append(f"{where}.sources.{source}.terms[{i}].name={term.name!r} is not one of "
-                         f"{', '.join(sorted(REWARDS))}.")
+    p = term_problems(rew, template, where)
     if rew.default_source is not None and rew.default_source not in rew.sources:
         p.append(f"{where}.default_source={rew.default_source!r} is not a key of {where}.sources "
                  f"({', '.join(map(str, rew.sources)) or 'none'}); rows of other sources would find no reward terms.")
@@ -336,8 +360,9 @@ def _cross_problems(cfg) -> list[str]:
                  f"{(ar.max_operand + 1) ** 2} pairs of data.arithmetic.max_operand={ar.max_operand}.")
     if cfg.get("optim") is not None:
         p += _lr_problems(cfg.optim, "optim")
+    template = r.get("template") if r is not None else None
     if cfg.get("reward") is not None:
-        p += _reward_problems(cfg.reward, "reward")
+        p += _reward_problems(cfg.reward, "reward", template)
     plat = cfg.get("platform")
     if plat is not None:
         p += _preset_problems("platform.cluster", "cluster", plat.get("cluster"))
@@ -360,7 +385,7 @@ def _cross_problems(cfg) -> list[str]:
         if not q and "optim" in merged and st.optim:
             p += _lr_problems(merged["optim"], f"{where}.optim")
         if not q and "reward" in merged and st.reward:
-            p += _reward_problems(merged["reward"], f"{where}.reward")
+            p += _reward_problems(merged["reward"], f"{where}.reward", template)
         p += _preset_problems(f"{where}.reward_model.model", "model", st.reward_model.model)
     for name in ("pretrain", "sft", "cold_start.sft", "rejection_sft.sft", "teacher.cold_start.sft"):
         node = r
@@ -599,8 +624,9 @@ def _schedule_points(r, algo) -> list[tuple[int, str]]:
     return pts
 
 
-def _rl_problems(r, where: str, algo, rollout, model, dropped_at: str) -> list[str]:
-    """Lengths and step units of one GRPO run (`recipe`, or a stage `recipe.rl_reasoning`)."""
+def _rl_problems(r, where: str, algo, rollout, model, sp_pad: int) -> list[str]:
+    """Lengths and step units of one GRPO run (`recipe`, or a stage `recipe.rl_reasoning`); `sp_pad`:
+    the multiple a sequence-parallel microbatch is padded to (TP size with SP, else 1)."""
     p = []
     prompt = int(r.max_prompt_tokens)
     resp, origin = max(_schedule_points(r, algo), key=lambda t: t[0])
@@ -611,7 +637,15 @@ def _rl_problems(r, where: str, algo, rollout, model, dropped_at: str) -> list[s
                  f"or shorten the responses.")
     if total > r.train_max_tokens:
         p.append(f"{head} exceeds {where}.train_max_tokens={r.train_max_tokens} (tokens per training microbatch; "
-                 f"a longer sample would {dropped_at}); raise {where}.train_max_tokens or shorten the responses.")
+                 f"r1mega.data.packing.pack refuses a longer sample); raise {where}.train_max_tokens or shorten "
+                 f"the responses.")
+    if r.train_max_tokens % sp_pad:
+        p.append(f"{where}.train_max_tokens={r.train_max_tokens} must be a multiple of {sp_pad} (parallel."
+                 f"tensor_model_parallel_size: sequence-parallel microbatches are padded to it).")
+    rm = getattr(r, "reward_model", None)
+    if rm is not None and rm.checkpoint and rm.max_tokens < total:
+        p.append(f"{head} exceeds {where}.reward_model.max_tokens={rm.max_tokens} (tokens per reward-model "
+                 f"microbatch; a longer prompt + response stops the run); raise it to at least {total}.")
     ev = getattr(r, "eval", None)
     if ev is not None and prompt + ev.max_tokens > rollout.max_model_len:
         p.append(f"{where}.max_prompt_tokens={prompt} + {where}.eval.max_tokens={ev.max_tokens} = "
@@ -648,14 +682,15 @@ def _length_problems(cfg) -> list[str]:
     if rollout.max_model_len > model.max_position_embeddings:
         p.append(f"rollout.max_model_len={rollout.max_model_len} exceeds model.max_position_embeddings="
                  f"{model.max_position_embeddings}; vLLM refuses a longer context than the model's positions.")
-    algo = getattr(cfg, "algorithm", None)
+    algo, par = getattr(cfg, "algorithm", None), getattr(cfg, "parallel", None)
+    sp_pad = par.tensor_model_parallel_size if par is not None and par.sequence_parallel else 1
     if hasattr(r, "prompts_per_rollout"):  # recipe=r1_zero (an RLRecipeConfig)
-        p += _rl_problems(r, "recipe", algo, rollout, model, "still form its own, larger microbatch")
+        p += _rl_problems(r, "recipe", algo, rollout, model, sp_pad)
     for stage in ("rl_reasoning", "rl_all"):  # recipe=r1's GRPO stages, their algorithm merged for the stage
         st = getattr(r, stage, None)
         if st is not None:
             st_algo = OmegaConf.merge(algo, st.algorithm) if algo is not None and OmegaConf.is_config(algo) else algo
-            p += _rl_problems(st, f"recipe.{stage}", st_algo, rollout, model, "still form its own, larger microbatch")
+            p += _rl_problems(st, f"recipe.{stage}", st_algo, rollout, model, sp_pad)
     # Sampling without a prompt limit of its own (rejection sampling, distillation, final evals): the
     # engine skips every prompt that does not leave `max_tokens`; the RL stages' prompt limit is the budget.
     budget = getattr(getattr(r, "rl_reasoning", None), "max_prompt_tokens", 1)

@@ -1,8 +1,8 @@
 """The GRPO step of R1-Zero (DeepSeek-R1, 2.2), top to bottom as the data flows:
 
 prompts → rollout (vLLM, G samples each) → rule rewards → group advantages → packed mini-batches
-→ reference and old-policy log-probs → clipped-ratio updates with k3 KL (megatron schedules)
-→ weight sync into the engine.
+→ reference and old-policy log-probs → clipped-ratio updates with k3 KL (megatron schedules), each
+token's surrogate weighted by the rollout correction → weight sync into the engine.
 
 Data parallelism divides the work: the rollout's prompts are split across the rollout replicas
 (GPU: one per vLLM tensor-parallel group; CPU: the one engine on rank 0), each scores its own whole
@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from r1mega.algorithms import (GRPOConfig, group_advantages, grpo_loss, loss_normalizer, reduce_stats,
-                                vocab_parallel_logprobs, zero_variance_groups)
+from r1mega.algorithms import (GRPOConfig, group_advantages, grpo_loss, loss_normalizer, reduce_correction_stats,
+                                reduce_stats, rollout_correction_stats, rollout_is_weight, vocab_parallel_logprobs,
+                                zero_variance_groups)
 from r1mega.config.steps import max_response_tokens, refreshes_reference
 from r1mega.data.packing import Packed, pack_dp_share, segments_to_padded
 from r1mega.models.moe_load import load_balance, record_expert_load
@@ -78,7 +79,7 @@ class GRPOTrainer:
         # Optional r1mega.rewards.reward_model.RewardModelScorer (collective, on every rank like `ref`).
         self.reward_model = reward_model
         self.algo: GRPOConfig = OmegaConf.to_object(cfg.algorithm)
-        self.reward = RewardManager(cfg.reward) if engine is not None else None
+        self.reward = RewardManager(cfg.reward, cfg.recipe.template) if engine is not None else None
         # Colocated rollouts: gradients and optimizer state leave the GPU while the engine runs.
         offload = getattr(cfg.recipe, "offload_train_state", True)
         self.colocation = Colocation(engine, WeightSync(cfg.model, cfg.parallel, cfg.rollout),
@@ -115,17 +116,18 @@ class GRPOTrainer:
         self.colocation.to_training()
         minibatches = [self._pack(part) for part in _split(samples, algo.num_mini_batches, algo.group_size)]
 
-        # 6. reference and old-policy log-probs (no grad), MoE load from the same pass
+        # 6. reference and old-policy log-probs (no grad); MoE load from the old-policy pass
         with timer("ref"):
             if algo.kl_coef:
                 with self._reference_on_device():
                     self._logprobs(self.ref, minibatches, "ref_logp")
-        with timer("old_logp"), record_expert_load(self.policy.model) as loads:
-            self._logprobs(self.policy, minibatches, "old_logp")
+        loads = self._old_logprobs(minibatches, timer)
 
-        # 7. policy update: ppo_epochs passes, one optimizer step per mini-batch
-        with timer("train"):
+        # 7. policy update: ppo_epochs passes, one optimizer step per mini-batch (the MoE load is
+        #    recorded here when old_logp_source=engine skipped the old-policy pass)
+        with timer("train"), record_expert_load(self.policy.model if loads is None else []) as train_loads:
             updates = [self._update(mb) for _ in range(algo.ppo_epochs) for mb in minibatches]
+        loads = train_loads if loads is None else loads
 
         # 8. weight sync; the reference follows the policy every `ref_update_optimizer_steps`
         with timer("sync"):
@@ -195,13 +197,13 @@ class GRPOTrainer:
 
     def _score(self, idx: list[int], outs: list[RequestOutput]) -> list[Sample]:
         texts, rows, samples = [], [], []
-        for i, out in zip(idx, outs):
+        for i, out in zip(idx, outs, strict=True):
             for c in out.completions:
                 texts.append(self.tok.decode(c.token_ids, skip_special_tokens=True))
                 rows.append(self.prompts.rows[i])
                 samples.append(Sample(i, list(out.prompt_token_ids), list(c.token_ids), list(c.logprobs),
                                       c.finish_reason == "length", {}))
-        for s, scores in zip(samples, self.reward.score(list(zip(rows, texts)))):
+        for s, scores in zip(samples, self.reward.score(list(zip(rows, texts))), strict=True):
             s.scores = scores
         return samples
 
@@ -238,6 +240,19 @@ class GRPOTrainer:
             for micro, out in zip(mb.microbatches, engine.forward_backward(mb.microbatches, loss_fn, forward_only=True)):
                 micro[key] = out["logp"]
 
+    def _old_logprobs(self, minibatches: list[Packed], timer: PhaseTimer) -> dict | None:
+        """`old_logp` of every microbatch, pi_old of the PPO ratio (`algorithm.old_logp_source`):
+        `trainer` recomputes it with the policy (phase `old_logp`) and returns the MoE expert load of
+        that pass; `engine` takes the engine's log-probs, runs nothing and returns None."""
+        if self.algo.old_logp_source == "engine":
+            for p in minibatches:
+                for mb in p.microbatches:
+                    mb["old_logp"] = mb["engine_logp"]
+            return None
+        with timer("old_logp"), record_expert_load(self.policy.model) as loads:
+            self._logprobs(self.policy, minibatches, "old_logp")
+        return loads
+
     def _update(self, minibatch: Packed) -> dict:
         """One optimizer step on this rank's share of a mini-batch (with the MTP loss when
         `algorithm.mtp_loss_coef` > 0, over response tokens)."""
@@ -250,10 +265,12 @@ class GRPOTrainer:
         logp, entropy = vocab_parallel_logprobs(logits, batch["target"], self.cfg.recipe.temperature)
         place = batch["placement"]
         padded = lambda x: segments_to_padded(x, place)  # noqa: E731  [num_seqs, longest]
+        old_logp, mask = padded(batch["old_logp"]), padded(batch["resp_mask"])
         loss, stats = grpo_loss(
-            padded(logp), padded(batch["old_logp"]), batch["advantages"], padded(batch["resp_mask"]), self.loss_cfg,
+            padded(logp), old_logp, batch["advantages"], mask, self.loss_cfg,
             normalizer=batch["normalizer"],
             ref_logp=padded(batch["ref_logp"]) if "ref_logp" in batch else None, entropy=padded(entropy),
+            is_weight=rollout_is_weight(old_logp, padded(batch["engine_logp"]), mask, self.algo.rollout_correction),
         )
         return loss, torch.tensor(0), {**stats, "loss": loss.detach().clone()}
 
@@ -300,7 +317,10 @@ class GRPOTrainer:
         m["grad_norm"] = sum(float(u["grad_norm"] or 0.0) for u in updates) / len(updates)
         m["lr"] = updates[-1]["lr"]
         m["optimizer_steps"] = len(updates)
-        m.update(_last_stage_metrics(minibatches, updates, gap=self.cfg.recipe.temperature == 1.0))
+        # The engine reports temperature-1 log-probs: the gap to the trainer's means something only at
+        # sampling temperature 1, and only where the trainer computed old_logp itself.
+        gap = self.cfg.recipe.temperature == 1.0 and self.algo.old_logp_source == "trainer"
+        m.update(_last_stage_metrics(minibatches, updates, self.algo.rollout_correction if gap else None))
         m.update(load_balance(_sum_over_ranks(loads)))
         # This DP rank's response tokens per pass over the rollout (rank-local, not gathered).
         m["dp/local_response_tokens"] = sum(p.response_tokens for p in minibatches)
@@ -321,6 +341,19 @@ def _split(samples: list[Sample], parts: int, group_size: int) -> list[list[Samp
     return [[s for g in groups[k::parts] for s in g] for k in range(parts)]
 
 
+def _rollout_correction_metrics(minibatches: list[Packed], correction, group) -> dict:
+    """`rollout_corr/*` (r1mega.algorithms.correction.reduce_correction_stats) over every sequence of
+    every microbatch of every DP rank, from the microbatches that hold `old_logp` (last stage)."""
+    stats = []
+    for p in minibatches:
+        for mb, place in zip(p.microbatches, p.placement):
+            if "old_logp" in mb and place:
+                padded = lambda x: segments_to_padded(x, place)  # noqa: E731
+                stats.append(rollout_correction_stats(padded(mb["old_logp"]), padded(mb["engine_logp"]),
+                                                      padded(mb["resp_mask"]), correction))
+    return reduce_correction_stats(stats, group)
+
+
 def _sum_over_ranks(loads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for d in all_gather_object(loads):
@@ -329,14 +362,17 @@ def _sum_over_ranks(loads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _last_stage_metrics(minibatches: list[Packed], updates: list[dict], gap: bool) -> dict:
+def _last_stage_metrics(minibatches: list[Packed], updates: list[dict], correction=None) -> dict:
     """Loss stats (token means over every microbatch of every DP rank, the true max ratio, the mean
-    loss per optimizer step) and the train–inference log-prob gap, computed on the last pipeline stage
-    and shared with every rank. The engine reports raw log-probs, so the gap is only measured at
-    sampling temperature 1."""
+    loss per optimizer step) and, with `correction` (the run's RolloutCorrectionConfig; None when the
+    gap is not measured), the train–inference log-prob gap and the rollout-correction metrics,
+    computed on the last pipeline stage and shared with every rank."""
     _, _, group = data_parallel()
+    gap = correction is not None
     stats = [mm for u in updates for mm in u["metrics"] or []]
     m = {f"loss/{k}": v for k, v in reduce_stats(stats, group).items()}
+    if gap:
+        m.update(_rollout_correction_metrics(minibatches, correction, group))
     gaps = [((mb["old_logp"] - mb["engine_logp"]).abs() * mb["resp_mask"], mb["resp_mask"])
             for p in minibatches for mb in p.microbatches if gap and "old_logp" in mb]
     sums = torch.tensor([sum(float(mm["loss"]) for mm in stats), sum(float(g.sum()) for g, _ in gaps),
