@@ -24,6 +24,13 @@ BAD_ANSWERS = {  # answer value (absent: no key) -> what the message says
     "nan": (float("nan"), "field 'answer' must be non-empty text or a finite number, got nan"),
     "gsm8k_marker_only": ("2 + 2 = 4\n#### ", "field 'answer' has nothing after its '#### ' marker (no final answer)"),
     "missing": (..., "missing key 'answer'"),
+    # golds no completion could ever match: refused, not left to score 0 forever
+    "empty_box": ("\\boxed{}", "field 'answer' has no letter or digit left to grade ('\\\\boxed{}' after the grading conventions)"),
+    "percent_only": ("%", "field 'answer' has no letter or digit left to grade ('%' after the grading conventions)"),
+    "zero_width": ("\u200b", "field 'answer' has no letter or digit left to grade ('\\u200b' after the grading conventions)"),
+    "none_as_text": ("None", "field 'answer' is 'None', a missing value written as text (write a real answer 'none' as \\text{none})"),
+    "digit_run": ("9" * 80, "field 'answer' has a run of more than 64 digits, beyond the grader's bound"),
+    "too_long": ("x" * 600, "field 'answer' has 600 characters, more than the grader's bound of 512"),
 }
 
 

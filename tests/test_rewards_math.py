@@ -56,7 +56,7 @@ def test_known_hard_cases(case):
     ("so $\\boxed 5$.", "5"), ("\\boxed {12}", "12"), ("\\fbox{3}", "3"), ("\\boxed{}", None),
     ("\\boxed{\\{1\\}}", "\\{1\\}"), ("\\boxedx{3}", None),
     # the last stated answer wins, whatever its form
-    ("#### 4 then \\boxed{5}", "5"), ("\\boxed{5} then #### 4", "4"),
+    ("#### 4 then \\boxed{5}", "5"), ("\\boxed{5} then\n#### 4", "4"),
     ("<answer>3</answer> on second thought \\boxed{4}", "4"), ("\\boxed{4} <answer>3</answer>", "3"),
     # an unclosed think after the last close: unfinished
     ("<think>first pass</think> <think>second pass, maybe \\boxed{5} but", None),

@@ -71,11 +71,10 @@ def _why_not(kind: str, value) -> str | None:
     if not ok:
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         return f"must be {_WANT[kind]}, got {shown}"
-    if kind == ANSWER and text:
-        from r1mega.rewards.math import gold_answer  # what the accuracy reward compares with
+    if kind == ANSWER:
+        from r1mega.rewards.math import gold_problem  # what the accuracy reward can compare with
 
-        if not gold_answer(value):
-            return "has nothing after its '#### ' marker (no final answer)"
+        return gold_problem(value)
     return None
 
 

@@ -14,13 +14,13 @@ import re
 _R1_ZERO = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 _R1 = re.compile(r"\s*<think>(.*?)</think>(.*)", re.DOTALL)
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_COMMAND = re.compile(r"\\[A-Za-z]+")
+_COMMAND = re.compile(r"\\(?:[A-Za-z]+|.)")  # a command name, or an escaped character such as `\\`
 _WORD_CHAR = re.compile(r"[^\W_]")
 
 
 def substantive(block: str) -> bool:
     """Whether a block holds a letter or digit that is not part of a LaTeX command name."""
-    return _WORD_CHAR.search(_COMMAND.sub("", block)) is not None
+    return _WORD_CHAR.search(_COMMAND.sub(" ", block)) is not None
 
 
 def format_reward(completion: str, row: dict | None = None, style: str = "r1_zero",
