@@ -137,3 +137,64 @@ def test_minibatch_gradient_does_not_depend_on_division():
                     continue
                 for n, g in grads.items():
                     assert (g - ref[n]).abs().max().item() <= 1e-6, (agg, layout, result["dp"], n)
+
+
+def _update_r3(overrides: list[str]) -> dict:
+    """A GRPO step with R3 routing replay of scripted engine routes (sample j: its own k experts per
+    token), held by rank 0 as the CPU engine's would be; which samples' routes each rank received."""
+    from functools import partial
+
+    from r1mega.models.build import build_model
+    from r1mega.models.router_replay import route_shape
+    from r1mega.trainer import engine as trainer_engine
+
+    real = trainer_engine.MegatronEngine
+    trainer_engine.MegatronEngine = lambda cfg, **kw: real(cfg, build_fn=partial(build_model, routing_replay=True), **kw)
+    try:
+        trainer = _trainer(["algorithm.router_replay=r3", "algorithm.num_mini_batches=2", "optim.lr=1e-4",
+                            "optim.adam_eps=1e-6", *overrides])
+    finally:
+        trainer_engine.MegatronEngine = real
+    layers, k, experts = route_shape(trainer.policy.model)
+    scripted = trainer._collect(0)
+    for j, s in enumerate(scripted):
+        s.uid = (0, 0, j)
+    trainer._collect = lambda step: [type(s)(**vars(s)) for s in scripted]  # noqa: E731
+    import torch.distributed as dist
+
+    routes = {}
+    for j, s in enumerate(scripted):
+        block = torch.arange(k) + (j * k) % experts
+        routes[j] = block.expand(len(s.prompt_ids) + len(s.response_ids) - 1, layers, k).to(torch.uint8).clone()
+    alone = not dist.is_initialized() or dist.get_world_size() == 1
+    if alone or dist.get_rank() == 0:
+        trainer._held_routes = {(0, 0, j): r for j, r in routes.items()}
+    received, deliver = [], trainer._deliver_routes
+
+    def spy(parts):
+        deliver(parts)
+        received.extend(s.uid[2] for part in parts for s in part if s.routes is not None)
+
+    trainer._deliver_routes = spy
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    trainer.step(0)
+    after = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    effect = None
+    if alone:  # the old-policy pass really replays: without the routes its log-probs differ
+        mb = trainer._pack([type(s)(**{**vars(s), "routes": routes[j]}) for j, s in enumerate(scripted)])
+        with trainer._old_policy_routes([mb]):
+            trainer._logprobs(trainer.policy, [mb], "replayed")
+        trainer._logprobs(trainer.policy, [mb], "own")
+        effect = max((m["replayed"] - m["own"]).abs().max().item() for m in mb.microbatches)
+    return {"before": before, "after": after, "received": sorted(received), "effect": effect}
+
+
+def test_r3_routes_go_only_to_the_rank_that_trains_them_and_dp2_equals_one_process():
+    (one,) = run_distributed(_update_r3, 1, [])
+    two = run_distributed(_update_r3, 2, [])
+    assert one["received"] == list(range(16)) and one["effect"] > 1e-3, one["effect"]
+    shares = [set(r["received"]) for r in two]
+    assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(range(16)) and all(shares), shares
+    for r in two:
+        for n, p in r["after"].items():
+            assert (p - one["after"][n]).abs().max().item() <= 1e-5, n

@@ -237,3 +237,16 @@ def _error_lines(stderr: str) -> list[str]:
             continue
         out.append(line)
     return out
+
+
+@pytest.mark.parametrize("overrides, mode", [
+    ([], "none"),  # tiny_moe, CPU, engine and trainer in fp32: routes agree
+    (["rollout.dtype=bfloat16"], "r3"),
+    (["model=tiny_dense"], "none"),
+    (["model=deepseek_v3_671b", "platform=gpu", "parallel=dsv3_256xh100", "rollout=dsv3_tp32"], "r3"),
+    (["algorithm.router_replay=r2"], "r2"),
+])
+def test_router_replay_auto_resolves_by_model_and_numerics(overrides, mode):
+    from r1mega.models.router_replay import router_replay_mode
+
+    assert router_replay_mode(compose(["recipe=r1_zero", *overrides])) == mode

@@ -43,6 +43,11 @@ class GRPOConfig:
     # Importance weights for the gap between engine and trainer log-probs (r1mega.algorithms.correction);
     # with old_logp_source=engine the ratio is 1 and they change nothing.
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    # MoE routing replay (r1mega.models.router_replay): `r2` replays the routes of the trainer's own
+    # old-policy pass in the update passes; `r3` replays the rollout engine's routes (captured at
+    # sampling) in the old-policy and update passes; `auto`: r3 for MoE where the engine's numerics
+    # differ from the trainer's (GPU, or another dtype), else none. The reference model routes itself.
+    router_replay: str = "auto"  # auto | none | r2 | r3
 
 
 def register_configs() -> None:

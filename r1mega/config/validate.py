@@ -184,7 +184,7 @@ RANGES: dict[str, dict[str, Rule]] = {
         clip_eps_high=NON_NEGATIVE, dual_clip_c=Rule(lo=1, lo_open=True).because("the dual clip bound is c > 1"),
         kl_coef=NON_NEGATIVE, ref_update_optimizer_steps=at_least(1), loss_agg=Rule(choices=_loss_aggs),
         norm_length=POSITIVE_INT, adv_eps=NON_NEGATIVE, ppo_epochs=at_least(1), num_mini_batches=at_least(1),
-        mtp_loss_coef=NON_NEGATIVE, old_logp_source=one_of("trainer", "engine")),
+        mtp_loss_coef=NON_NEGATIVE, old_logp_source=one_of("trainer", "engine"), router_replay=one_of("auto", "none", "r2", "r3")),
     "RolloutCorrectionConfig": dict(
         mode=Rule(choices=_correction_modes),
         tis_cap=Rule(lo=1, lo_open=True).because("importance weights are truncated at C > 1"),
@@ -295,6 +295,29 @@ def _rollout_correction_problems(algo, where: str, r, run: str) -> list[str]:
             f"temperature 1, the trainer at the sampling temperature, so their ratio would measure the temperature)."]
 
 
+def _router_replay_problems(algo, where: str, cfg) -> list[str]:
+    """Routing replay needs routers (a MoE model), the pass it replays, and layouts it handles."""
+    from omegaconf import OmegaConf
+
+    from r1mega.models.router_replay import router_replay_mode
+
+    mode = router_replay_mode(OmegaConf.merge(cfg, {"algorithm": algo}) if OmegaConf.is_config(cfg) else cfg)
+    if mode == "none":
+        return []
+    at = f"{where}.router_replay={mode}"
+    if cfg.model.num_experts is None:
+        return [f"{at} replays MoE routing, but model={cfg.model.name} has no experts (model.num_experts is null)."]
+    if mode == "r2" and algo.old_logp_source != "trainer":
+        return [f"{at} replays the routes of the trainer's old-policy pass, which {where}.old_logp_source="
+                f"{algo.old_logp_source} skips; use r3 (the engine's routes) or old_logp_source=trainer."]
+    if cfg.parallel.context_parallel_size > 1:
+        return [f"{at} is not supported with parallel.context_parallel_size={cfg.parallel.context_parallel_size} "
+                f"(routes are not split over context-parallel ranks)."]
+    if mode == "r3" and cfg.platform.device == "cpu" and not cfg.rollout.enforce_eager:
+        return [f"{at} on CPU records the engine's routes with hooks, which need rollout.enforce_eager=true."]
+    return []
+
+
 def _grpo_problems(algo, where: str, r, run: str) -> list[str]:
     """GRPO knobs against each other and against the run `r` (a recipe or an RL stage) that uses them;
     `where` is where the algorithm's fields are set (`algorithm`, or a stage's merged `algorithm`)."""
@@ -372,7 +395,7 @@ def _cross_problems(cfg) -> list[str]:
     if r is None:
         return p
     if algo is not None and r.get("prompts_per_rollout") is not None:  # recipe=r1_zero
-        p += _grpo_problems(algo, "algorithm", r, "recipe")
+        p += _grpo_problems(algo, "algorithm", r, "recipe") + _router_replay_problems(algo, "algorithm", cfg)
     for stage in ("rl_reasoning", "rl_all"):  # recipe=r1
         st = r.get(stage)
         if st is None:
@@ -381,7 +404,8 @@ def _cross_problems(cfg) -> list[str]:
         q, merged = _stage_overlays(cfg, st, where)
         p += q
         if not q and "algorithm" in merged:
-            p += _grpo_problems(merged["algorithm"], f"{where}.algorithm" if st.algorithm else "algorithm", st, where)
+            at = f"{where}.algorithm" if st.algorithm else "algorithm"
+            p += _grpo_problems(merged["algorithm"], at, st, where) + _router_replay_problems(merged["algorithm"], at, cfg)
         if not q and "optim" in merged and st.optim:
             p += _lr_problems(merged["optim"], f"{where}.optim")
         if not q and "reward" in merged and st.reward:

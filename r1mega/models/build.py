@@ -15,8 +15,9 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def transformer_config(m, par, plat) -> TransformerConfig:
-    """The megatron-core config of model `m` under layout `par` on platform `plat`."""
+def transformer_config(m, par, plat, routing_replay: bool = False) -> TransformerConfig:
+    """The megatron-core config of model `m` under layout `par` on platform `plat`. `routing_replay`
+    (MoE models): give every router a megatron `RouterReplay` (`r1mega.models.router_replay`)."""
     dtype = DTYPES[m.params_dtype]
     on_cpu = plat.device == "cpu"
     kw = dict(
@@ -87,6 +88,8 @@ def transformer_config(m, par, plat) -> TransformerConfig:
             # knows SequentialMLP's and TEGroupedMLP's names).
             moe_grouped_gemm=getattr(plat, "transformer_engine", False),
             moe_permute_fusion=False,
+            # One RouterReplay per router (record / replay top-k ids); inert until an action is set.
+            moe_enable_routing_replay=routing_replay,
         )
     if m.mtp_num_layers:
         kw["mtp_num_layers"] = m.mtp_num_layers
@@ -220,9 +223,10 @@ class PolicyGPTModel(GPTModel):
                 "mtp_tokens": torch.as_tensor(tokens).detach().float()}
 
 
-def build_model(m, par, plat, vp_stage: int | None = None) -> GPTModel:
-    """This rank's `PolicyGPTModel` (its pipeline stage), on `plat.device`."""
-    config = transformer_config(m, par, plat)
+def build_model(m, par, plat, vp_stage: int | None = None, routing_replay: bool = False) -> GPTModel:
+    """This rank's `PolicyGPTModel` (its pipeline stage), on `plat.device`. `routing_replay`: see
+    `transformer_config` (e.g. `MegatronEngine(cfg, build_fn=partial(build_model, routing_replay=True))`)."""
+    config = transformer_config(m, par, plat, routing_replay=routing_replay)
     use_te = plat.transformer_engine
     spec = layer_spec(config, use_te, vp_stage)
     mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=use_te, vp_stage=vp_stage) if m.mtp_num_layers else None

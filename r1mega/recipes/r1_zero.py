@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,6 +40,8 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
     """GRPO from `base` with `cfg.recipe`'s settings, everything under `run_dir`; returns the
     before/after eval. Restarting with the same `run_dir` resumes from its last checkpoint.
     `reward_model`: an optional `RewardModelScorer` whose score joins the rule rewards."""
+    from r1mega.models.build import build_model
+    from r1mega.models.router_replay import router_replay_mode
     from r1mega.trainer.engine import MegatronEngine
     from r1mega.trainer.grpo import GRPOTrainer
 
@@ -48,7 +51,8 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
     prompts = PromptSource(load_rows(cfg.data, "train"), tok, r.template, r.max_prompt_tokens, seed=cfg.platform.seed)
     eval_rows = load_rows(cfg.data, "eval")
 
-    policy = MegatronEngine(cfg)
+    # Routing replay needs megatron's RouterReplay in the policy's routers; the reference routes itself.
+    policy = MegatronEngine(cfg, build_fn=partial(build_model, routing_replay=router_replay_mode(cfg) != "none"))
     ref = MegatronEngine(cfg, trainable=False) if cfg.algorithm.kl_coef else None
     ckpt = CheckpointManager(run_dir / "ckpt", keep_last=r.keep_last)
     ref_ckpt = CheckpointManager(run_dir / "ref", keep_last=1)
@@ -114,6 +118,7 @@ def _engine(cfg, tok, run_dir: Path, launch):
     """vLLM serving `model` from a directory with its config and tokenizer (weights come by sync).
     CPU: one engine on rank 0; GPU: every rank holds its shard (SPMD, external_launcher)."""
     from r1mega.checkpoint.hf_mapping import hf_config
+    from r1mega.models.router_replay import router_replay_mode
     from r1mega.rollout.vllm_engine import VLLMEngine
 
     on_cpu = cfg.platform.device == "cpu"
@@ -127,7 +132,8 @@ def _engine(cfg, tok, run_dir: Path, launch):
         tok.save_pretrained(engine_dir)
     if not on_cpu:
         torch.distributed.barrier()
-    return VLLMEngine(engine_dir, cfg.rollout, device=cfg.platform.device, seed=cfg.platform.seed, load_format="dummy")
+    return VLLMEngine(engine_dir, cfg.rollout, device=cfg.platform.device, seed=cfg.platform.seed, load_format="dummy",
+                      return_routes=router_replay_mode(cfg) == "r3")
 
 
 def _evaluate(trainer, cfg, rows, out_dir: Path | None = None) -> dict:

@@ -11,12 +11,16 @@ import torch
 @dataclass
 class Completion:
     """One sampled continuation. `logprobs[i]` is the log-probability of `token_ids[i]` under the
-    engine's raw model distribution (log-softmax of the logits, before temperature / top-p)."""
+    engine's raw model distribution (log-softmax of the logits, before temperature / top-p).
+    `routed_experts` (MoE models, `generate(..., return_routes=True)`): the engine's routing of the
+    whole sequence prompt + token_ids, `[n - 1, num_moe_layers, topk]` (row t: the experts position t
+    was routed to; format and coverage in `r1mega.rollout.routes`), else None."""
 
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     text: str = ""
+    routed_experts: torch.Tensor | None = None
 
 
 @dataclass
@@ -46,11 +50,13 @@ class RolloutEngine(ABC):
         max_tokens: int = 256,
         stop: list[str] | None = None,
         seed: int | None = None,
+        return_routes: bool = False,
     ) -> list[RequestOutput]:
         """Sample `n` completions per prompt; outputs are in prompt order. With `seed`, every
         (prompt, sample) draw of this call comes from one random stream seeded by it: independent
         across prompts and samples, and the same call with the same seed gives the same outputs.
-        Callers pass a different seed per call (`call_seed`)."""
+        Callers pass a different seed per call (`call_seed`). `return_routes` (MoE models): fill each
+        completion's `routed_experts`; engines that cannot raise NotImplementedError."""
 
     @abstractmethod
     def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:

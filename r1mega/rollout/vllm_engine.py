@@ -22,8 +22,17 @@ class VLLMEngine(RolloutEngine):
     replaced by the first `update_weights`). `cfg` is a `RolloutConfig`; `device` is "cpu" or "cuda".
     `load_format="dummy"` starts from random weights without reading any (the trainer syncs first)."""
 
-    def __init__(self, model_dir: str | Path, cfg, device: str = "cpu", seed: int = 0, load_format: str = "auto"):
+    def __init__(self, model_dir: str | Path, cfg, device: str = "cpu", seed: int = 0, load_format: str = "auto",
+                 return_routes: bool | None = None):
+        """`return_routes` (default `cfg.return_routes`, else False): on GPU, start vLLM with its native
+        routed-experts capture (`enable_return_routed_experts`), which `generate(..., return_routes=True)`
+        needs there; the CPU path needs nothing at construction."""
         self.on_cpu = device == "cpu"
+        self.enforce_eager = cfg.enforce_eager
+        if return_routes is None:
+            return_routes = bool(getattr(cfg, "return_routes", False))
+        self.native_routes = return_routes and not self.on_cpu
+        self._moe_layer_ids: list[int] | None = None
         # In-process engine: the weight push hands tensors to the worker directly (no pickling).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kw = dict(
@@ -48,6 +57,11 @@ class VLLMEngine(RolloutEngine):
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
                 enable_expert_parallel=cfg.expert_parallel,
             )
+            if self.native_routes:
+                # vLLM's routed-experts capture: its AuxOutput connector needs Model Runner V2 (Triton;
+                # refused on CPU). Not run on a GPU here.
+                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+                kw.update(enable_return_routed_experts=True)
         from vllm import LLM
 
         with _private_world() if self.on_cpu else contextlib.nullcontext():
@@ -55,7 +69,12 @@ class VLLMEngine(RolloutEngine):
         self._warned_sleep = False
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, prompt_token_ids, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None):
+    def generate(self, prompt_token_ids, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None,
+                 return_routes=False):
+        """`return_routes`: each completion's `routed_experts` is the engine's MoE routing of prompt +
+        completion (`r1mega.rollout.routes`): on GPU vLLM's native capture (construct with
+        `return_routes=True`), on CPU recorded by hooks at sampling time (those requests skip the
+        prefix cache: each computes its whole prompt)."""
         from vllm import SamplingParams
 
         # One engine-level stream per call, not vLLM's per-request `seed`: vLLM seeds sample j of every
@@ -67,8 +86,14 @@ class VLLMEngine(RolloutEngine):
             torch.manual_seed(seed)
             if torch.cuda.is_available():
                 torch.cuda.manual_seed_all(seed)
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, logprobs=0)
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params, use_tqdm=False)
+        capture = self._route_capture() if return_routes else None
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, logprobs=0,
+                                skip_reading_prefix_cache=True if capture is not None else None)
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params, use_tqdm=False)
+        finally:
+            if capture is not None:
+                self.llm.collective_rpc(capture.remove)
         return [
             RequestOutput(
                 prompt_token_ids=list(o.prompt_token_ids),
@@ -78,12 +103,49 @@ class VLLMEngine(RolloutEngine):
                         logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
                         finish_reason=c.finish_reason,
                         text=c.text,
+                        routed_experts=self._routes(o, c, capture) if return_routes else None,
                     )
                     for c in o.outputs
                 ],
             )
             for o in outs
         ]
+
+    def prefill_routes(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
+        """The engine's routing of whole sequences computed in one prefill (route format, rows 0 .. n-2
+        per sequence): the engine's weights and kernels, but batched as a prefill, not at the time each
+        token was sampled. A fallback for samples whose sampling-time routes are missing, and a check."""
+        outs = self.generate(token_ids, temperature=0.0, max_tokens=1, return_routes=True)
+        return [o.completions[0].routed_experts[: len(t) - 1] for o, t in zip(outs, token_ids)]
+
+    def _route_capture(self):
+        from r1mega.rollout.routes import RouteCapture
+
+        if not self.on_cpu:
+            if not self.native_routes:
+                raise ValueError("return_routes on GPU needs the engine constructed with return_routes=True "
+                                 "(vLLM's enable_return_routed_experts)")
+            return None
+        if not self.enforce_eager:
+            # The capture callbacks run inside the model's forward: Python side effects torch.compile would trace.
+            raise ValueError("return_routes on CPU needs rollout.enforce_eager=true")
+        capture = RouteCapture()
+        self.llm.collective_rpc(capture.install)
+        return capture
+
+    def _routes(self, request, completion, capture) -> torch.Tensor:
+        from r1mega.rollout.routes import from_vllm_native
+
+        tokens = list(request.prompt_token_ids) + list(completion.token_ids)
+        if capture is not None:
+            worker_id = capture.by_key()[(request.request_id, completion.index)]
+            return capture.routes(worker_id, tokens)
+        if completion.routed_experts is None:
+            raise RuntimeError("vLLM returned no routed_experts (enable_return_routed_experts not in effect?)")
+        if self._moe_layer_ids is None:
+            self._moe_layer_ids = self.llm.collective_rpc(_moe_layer_ids)[0]
+        num_experts = self.llm.llm_engine.model_config.get_num_experts()
+        return from_vllm_native(completion.routed_experts, self._moe_layer_ids, len(tokens), num_experts)
 
     def prompt_logprobs(self, token_ids):
         from vllm import SamplingParams
@@ -131,6 +193,14 @@ class VLLMEngine(RolloutEngine):
 
 def _is_mla(model_dir) -> bool:
     return "kv_lora_rank" in json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def _moe_layer_ids(worker) -> list[int]:
+    """Decoder-layer indices of the engine model's MoE layers, in order (runs inside the worker)."""
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    model = worker.model_runner.get_model()
+    return sorted(m.layer_id for m in model.modules() if isinstance(getattr(m, "router", None), BaseRouter) and hasattr(m, "layer_id"))
 
 
 def _recording(named_tensors, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:

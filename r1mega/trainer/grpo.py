@@ -16,6 +16,7 @@ response occupies positions [len(prompt)-1, len-2].
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -28,8 +29,10 @@ from r1mega.algorithms import (GRPOConfig, group_advantages, grpo_loss, loss_nor
                                 reduce_stats, rollout_correction_stats, rollout_is_weight, vocab_parallel_logprobs,
                                 zero_variance_groups)
 from r1mega.config.steps import max_response_tokens, refreshes_reference
-from r1mega.data.packing import Packed, pack_dp_share, segments_to_padded
+from r1mega.data.packing import Packed, dp_shares, pack_dp_share, segments_to_padded
 from r1mega.models.moe_load import load_balance, record_expert_load
+from r1mega.models.router_replay import (exchange_routes, local_moe_layers, pack_routes, record_routes, replay_routes,
+                                         route_shape, router_replay_mode)
 from r1mega.parallel.state import all_gather_object, data_parallel
 from r1mega.rewards import RewardManager
 from r1mega.rollout.colocate import Colocation
@@ -46,6 +49,8 @@ class Sample:
     truncated: bool
     scores: dict[str, float]  # reward terms and "total"
     advantage: float = 0.0
+    routes: torch.Tensor | None = None  # the engine's MoE routing, [n - 1, moe layers, topk] (R3 only)
+    uid: tuple | None = None  # (attempt, rollout replica, index in the replica's samples)
 
     def fields(self, overlong_filter: bool) -> dict[str, torch.Tensor]:
         tokens = torch.tensor(self.prompt_ids + self.response_ids, dtype=torch.long)
@@ -88,6 +93,8 @@ class GRPOTrainer:
         if offload:  # the first rollout comes before any training
             policy.offload_train_state()
         self.thd = cfg.platform.transformer_engine
+        self.router_replay = router_replay_mode(cfg)  # "none" | "r2" | "r3" (algorithm.router_replay resolved)
+        self._held_routes: dict[tuple, torch.Tensor] = {}  # R3: engine routes of the samples this rank generated
         self.ref_step = 0  # the policy step the reference model holds
         # GPU: the reference lives in host memory except while it runs (`_reference_on_device`)
         self.offload_ref = ref is not None and cfg.recipe.offload_reference and cfg.platform.device != "cpu"
@@ -114,7 +121,9 @@ class GRPOTrainer:
 
         # 5. mini-batches (whole groups), each DP rank's token-balanced share packed into microbatches
         self.colocation.to_training()
-        minibatches = [self._pack(part) for part in _split(samples, algo.num_mini_batches, algo.group_size)]
+        parts = _split(samples, algo.num_mini_batches, algo.group_size)
+        self._deliver_routes(parts)
+        minibatches = [self._pack(part) for part in parts]
 
         # 6. reference and old-policy log-probs (no grad); MoE load from the old-policy pass
         with timer("ref"):
@@ -168,8 +177,10 @@ class GRPOTrainer:
             outs = self.engine.generate(
                 [self.prompts.ids[i] for i in mine], n=self.algo.group_size, temperature=r.temperature, top_p=r.top_p,
                 max_tokens=max_response_tokens(r, self.algo, step), seed=seed,
+                return_routes=self.router_replay == "r3",
             )
             payload = self._score(mine, outs) if reports else []
+        self._hold_routes(payload, attempt, replica)
         samples = [s for part in all_gather_object(payload) for s in part]
         if self.reward_model is not None:
             self._score_reward_model(samples)
@@ -202,10 +213,34 @@ class GRPOTrainer:
                 texts.append(self.tok.decode(c.token_ids, skip_special_tokens=True))
                 rows.append(self.prompts.rows[i])
                 samples.append(Sample(i, list(out.prompt_token_ids), list(c.token_ids), list(c.logprobs),
-                                      c.finish_reason == "length", {}))
+                                      c.finish_reason == "length", {}, routes=c.routed_experts))
         for s, scores in zip(samples, self.reward.score(list(zip(rows, texts))), strict=True):
             s.scores = scores
         return samples
+
+    # -- R3: the engine's routes, from the rank that generated them to the ranks that train them -----
+    def _hold_routes(self, payload: list[Sample], attempt: int, replica: int) -> None:
+        """Names this replica's samples; their routes stay here (only the samples go to every rank)."""
+        for j, s in enumerate(payload):
+            s.uid = (attempt, replica, j)
+            if s.routes is not None:
+                self._held_routes[s.uid] = s.routes
+                s.routes = None
+
+    def _deliver_routes(self, parts: list[list[Sample]]) -> None:
+        """R3: each rank receives the routes of the samples its data-parallel share of each mini-batch
+        trains (`dp_shares`, as `pack_dp_share` divides them), cut to its pipeline stage's MoE layers."""
+        if self.router_replay != "r3":
+            return
+        dp_rank, dp, _ = data_parallel()
+        need = {part[i].uid for part in parts
+                for i in dp_shares([len(s.prompt_ids) + len(s.response_ids) for s in part], self.algo.group_size, dp)[dp_rank]}
+        got = exchange_routes(self._held_routes, need, local_moe_layers(self.policy.model),
+                              route_shape(self.policy.model)[0])
+        for part in parts:
+            for s in part:
+                s.routes = got.get(s.uid)
+        self._held_routes = {}
 
     # -- packing and log-probs -----------------------------------------------------------------------
     def _pack(self, samples: list[Sample]) -> Packed:
@@ -223,6 +258,9 @@ class GRPOTrainer:
             mb["placement"] = place or [(-1, 0, mb["tokens"].shape[1])]
             mb["advantages"] = torch.tensor([samples[i].advantage if i >= 0 else 0.0 for i, _, _ in mb["placement"]])
             mb["normalizer"] = normalizer
+            if self.router_replay == "r3":
+                mb["routes"] = pack_routes([s.routes for s in samples], mb["placement"], mb["tokens"].shape[1],
+                                           *route_shape(self.policy.model))
         packed.response_tokens = sum(float(fields[i]["resp_mask"].sum()) for place in packed.placement
                                      for i, _, _ in place if i >= 0)
         return packed
@@ -249,15 +287,35 @@ class GRPOTrainer:
                 for mb in p.microbatches:
                     mb["old_logp"] = mb["engine_logp"]
             return None
-        with timer("old_logp"), record_expert_load(self.policy.model) as loads:
+        with timer("old_logp"), record_expert_load(self.policy.model) as loads, self._old_policy_routes(minibatches):
             self._logprobs(self.policy, minibatches, "old_logp")
         return loads
 
+    @contextmanager
+    def _old_policy_routes(self, minibatches: list[Packed]):
+        """MoE routing of the old-policy pass (`algorithm.router_replay`): R3 replays the engine's
+        routes; R2 records the pass's own, which the updates then replay (`routes` of each microbatch)."""
+        micro = [m for p in minibatches for m in p.microbatches]
+        if self.router_replay == "r3":
+            with replay_routes(self.policy.model, [m["routes"] for m in micro]):
+                yield
+        elif self.router_replay == "r2":
+            with record_routes(self.policy.model) as recorded:
+                yield
+            for m, routes in zip(micro, recorded, strict=True):
+                m["routes"] = routes
+        else:
+            yield
+
     def _update(self, minibatch: Packed) -> dict:
         """One optimizer step on this rank's share of a mini-batch (with the MTP loss when
-        `algorithm.mtp_loss_coef` > 0, over response tokens)."""
-        return self.policy.train_step(minibatch.microbatches, self._loss, mtp_loss_coef=self.algo.mtp_loss_coef,
-                                      mtp_mask_key="resp_mask")
+        `algorithm.mtp_loss_coef` > 0, over response tokens), replaying the microbatches' MoE routes
+        under `algorithm.router_replay`."""
+        replay = (replay_routes(self.policy.model, [m["routes"] for m in minibatch.microbatches])
+                  if self.router_replay != "none" else contextlib.nullcontext())
+        with replay:
+            return self.policy.train_step(minibatch.microbatches, self._loss, mtp_loss_coef=self.algo.mtp_loss_coef,
+                                          mtp_mask_key="resp_mask")
 
     def _loss(self, logits: torch.Tensor, batch: dict):
         """This microbatch's share of the mini-batch loss (divided by the global normaliser; megatron
