@@ -198,3 +198,35 @@ def test_r3_routes_go_only_to_the_rank_that_trains_them_and_dp2_equals_one_proce
     for r in two:
         for n, p in r["after"].items():
             assert (p - one["after"][n]).abs().max().item() <= 1e-5, n
+
+
+def _update_shortcut(args) -> dict:
+    """A GRPO step with or without the on-policy shortcut (no old-policy pass for the first mini-batch)."""
+    shortcut, overrides = args
+    from functools import partial
+
+    from r1mega.models.build import build_model
+    from r1mega.trainer import engine as trainer_engine
+
+    real = trainer_engine.MegatronEngine
+    trainer_engine.MegatronEngine = lambda cfg, **kw: real(cfg, build_fn=partial(build_model, routing_replay=True), **kw)
+    try:
+        trainer = _trainer(["optim.lr=1e-4", "optim.adam_eps=1e-6", *overrides])
+    finally:
+        trainer_engine.MegatronEngine = real
+    trainer.on_policy_shortcut = shortcut
+    m = trainer.step(0)
+    return {"after": {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}, "metrics": m}
+
+
+@pytest.mark.parametrize("overrides", [["algorithm.num_mini_batches=2", "algorithm.router_replay=r2"],
+                                       ["algorithm.num_mini_batches=1"]], ids=["two_minibatches_r2", "one_minibatch"])
+def test_on_policy_minibatch_skips_the_old_policy_pass_and_updates_identically(overrides):
+    (fast,) = run_distributed(_update_shortcut, 1, (True, overrides))
+    (full,) = run_distributed(_update_shortcut, 1, (False, overrides))
+    for n, p in fast["after"].items():
+        assert (p - full["after"][n]).abs().max().item() <= 1e-6, n
+    for key in ("loss/total", "loss/ratio_max", "loss/ratio_mean", "logprob_gap/mean"):
+        assert fast["metrics"][key] == pytest.approx(full["metrics"][key], rel=1e-6, abs=1e-7), key
+    assert ("time/old_logp" in fast["metrics"]) == (overrides[0] != "algorithm.num_mini_batches=1")
+    assert "moe/load_max_over_mean" in fast["metrics"]

@@ -79,6 +79,8 @@ class GRPOTrainer:
     """`policy` / `ref`: MegatronEngine (trainable / frozen); `engine`: the rollout engine on ranks
     that hold one, else None; `prompts`: a PromptSource."""
 
+    on_policy_shortcut = True  # no old-policy pass for a mini-batch the policy has not moved before (False: check)
+
     def __init__(self, cfg, policy, ref, engine, tokenizer, prompts, reward_model=None):
         self.cfg, self.policy, self.ref, self.engine, self.tok, self.prompts = cfg, policy, ref, engine, tokenizer, prompts
         # Optional r1mega.rewards.reward_model.RewardModelScorer (collective, on every rank like `ref`).
@@ -133,7 +135,7 @@ class GRPOTrainer:
         loads = self._old_logprobs(minibatches, timer)
 
         # 7. policy update: ppo_epochs passes, one optimizer step per mini-batch (the MoE load is
-        #    recorded here when old_logp_source=engine skipped the old-policy pass)
+        #    recorded here when no old-policy pass ran)
         with timer("train"), record_expert_load(self.policy.model if loads is None else []) as train_loads:
             updates = [self._update(mb) for _ in range(algo.ppo_epochs) for mb in minibatches]
         loads = train_loads if loads is None else loads
@@ -279,16 +281,21 @@ class GRPOTrainer:
                 micro[key] = out["logp"]
 
     def _old_logprobs(self, minibatches: list[Packed], timer: PhaseTimer) -> dict | None:
-        """`old_logp` of every microbatch, pi_old of the PPO ratio (`algorithm.old_logp_source`):
+        """`old_logp` of the microbatches, pi_old of the PPO ratio (`algorithm.old_logp_source`):
         `trainer` recomputes it with the policy (phase `old_logp`) and returns the MoE expert load of
-        that pass; `engine` takes the engine's log-probs, runs nothing and returns None."""
+        that pass; `engine` takes the engine's log-probs, runs nothing and returns None.
+        A mini-batch trained before the policy moves (the first, with one PPO epoch) needs no pass: its
+        pi_old is its update's own forward, detached (`_loss`), the same numbers the pass would give."""
         if self.algo.old_logp_source == "engine":
             for p in minibatches:
                 for mb in p.microbatches:
                     mb["old_logp"] = mb["engine_logp"]
             return None
-        with timer("old_logp"), record_expert_load(self.policy.model) as loads, self._old_policy_routes(minibatches):
-            self._logprobs(self.policy, minibatches, "old_logp")
+        stale = minibatches[1:] if self.on_policy_shortcut and self.algo.ppo_epochs == 1 else minibatches
+        if not stale:
+            return None
+        with timer("old_logp"), record_expert_load(self.policy.model) as loads, self._old_policy_routes(stale):
+            self._logprobs(self.policy, stale, "old_logp")
         return loads
 
     @contextmanager
@@ -311,8 +318,9 @@ class GRPOTrainer:
         """One optimizer step on this rank's share of a mini-batch (with the MTP loss when
         `algorithm.mtp_loss_coef` > 0, over response tokens), replaying the microbatches' MoE routes
         under `algorithm.router_replay`."""
+        # R2's on-policy mini-batch has no recorded routes: its update routes as the old pass would.
         replay = (replay_routes(self.policy.model, [m["routes"] for m in minibatch.microbatches])
-                  if self.router_replay != "none" else contextlib.nullcontext())
+                  if "routes" in minibatch.microbatches[0] else contextlib.nullcontext())
         with replay:
             return self.policy.train_step(minibatch.microbatches, self._loss, mtp_loss_coef=self.algo.mtp_loss_coef,
                                           mtp_mask_key="resp_mask")
@@ -323,6 +331,7 @@ class GRPOTrainer:
         logp, entropy = vocab_parallel_logprobs(logits, batch["target"], self.cfg.recipe.temperature)
         place = batch["placement"]
         padded = lambda x: segments_to_padded(x, place)  # noqa: E731  [num_seqs, longest]
+        batch.setdefault("old_logp", logp.detach())  # an on-policy mini-batch: pi_old is this forward
         old_logp, mask = padded(batch["old_logp"]), padded(batch["resp_mask"])
         loss, stats = grpo_loss(
             padded(logp), old_logp, batch["advantages"], mask, self.loss_cfg,
