@@ -63,3 +63,34 @@ def test_min_microbatches_splits_within_the_limit():
     assert len(packed.microbatches) == 3
     assert max(mb["tokens"].shape[1] for mb in packed.microbatches) == 8
     assert sorted(i for place in packed.placement for i, _, _ in place) == [0, 1, 2, 3]
+
+
+def test_balanced_bins_pad_less_than_first_fit_and_keep_their_count():
+    # first-fit-decreasing: [9+7] [8+6], rows padded to 16 (30 of 32 real); spread: [9+6] [8+7], rows of 15
+    packed = pack(_samples([9, 8, 7, 6]), max_tokens=16)
+    assert sorted(sum(n for _, _, n in place) for place in packed.placement) == [15, 15]
+    assert packed.microbatches[0]["tokens"].shape == (1, 15) and packed.efficiency == 1.0
+    # [10+6] [9+7] [8+5+3] is already full: spreading would make a row of 18, so it is kept
+    packed = pack(_samples([10, 9, 8, 7, 6, 5, 3]), max_tokens=16)
+    assert sorted(sum(n for _, _, n in place) for place in packed.placement) == [16, 16, 16]
+
+
+def test_packing_efficiency_of_the_embedded_default_step():
+    """The CPU default's mini-batch (16 prompts x 8 samples in 2 mini-batches, ~15 prompt + 8-32
+    response tokens, train_max_tokens 480), as the GRPO step packs it and reports
+    `packing_efficiency` (real / total tokens over its mini-batches)."""
+    import random
+
+    from r1mega.config import compose
+
+    cfg = compose(["recipe=r1_zero"])
+    r, algo = cfg.recipe, cfg.algorithm
+    rng = random.Random(0)
+    real = total = 0
+    for _ in range(10):  # rollouts
+        per_minibatch = r.prompts_per_rollout * algo.group_size // algo.num_mini_batches
+        for _ in range(algo.num_mini_batches):
+            lengths = [rng.randint(14, 18) + rng.randint(8, r.max_response_tokens) for _ in range(per_minibatch)]
+            packed = pack_dp_share(_samples(lengths), r.train_max_tokens, 0, 1, group_size=algo.group_size)
+            real, total = real + packed.real_tokens, total + packed.total_tokens
+    assert real / total >= 0.95, real / total

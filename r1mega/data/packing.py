@@ -47,6 +47,9 @@ def _check(lengths: list[int], max_tokens: int, pad_to_multiple: int, caller: st
 
 
 def _bins(lengths: list[int], max_tokens: int, min_bins: int) -> list[list[int]]:
+    """Sample indices per microbatch: first-fit-decreasing decides how many microbatches are needed
+    (at least `min_bins`), then the samples are spread over that many by longest-first onto the least
+    loaded (`_balance`), since every row is padded to the fullest one."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     bins: list[list[int]] = []
     room: list[int] = []
@@ -65,7 +68,21 @@ def _bins(lengths: list[int], max_tokens: int, min_bins: int) -> list[list[int]]
         b = max((b for b in bins if len(b) > 1), key=lambda b: sum(lengths[i] for i in b))
         bins.remove(b)
         bins += [b[0::2], b[1::2]]
-    return [sorted(b) for b in bins] + [[] for _ in range(min_bins - len(bins))]
+    bins += [[] for _ in range(min_bins - len(bins))]
+    return [sorted(b) for b in _balance(lengths, bins)]
+
+
+def _balance(lengths: list[int], bins: list[list[int]]) -> list[list[int]]:
+    """The samples of `bins` over as many bins, longest first onto the least loaded (ties: lowest bin),
+    when that lowers the fullest bin's tokens; else `bins` (first-fit-decreasing packs bins to the
+    brim and leaves the last one short, and every row pads to the brim)."""
+    load, out = [0] * len(bins), [[] for _ in bins]
+    for i in sorted((i for b in bins for i in b), key=lambda i: (-lengths[i], i)):
+        b = min(range(len(bins)), key=lambda b: (load[b], b))
+        out[b].append(i)
+        load[b] += lengths[i]
+    fullest = max((sum(lengths[i] for i in b) for b in bins), default=0)
+    return out if max(load, default=0) < fullest else bins
 
 
 def num_microbatches(lengths: list[int], max_tokens: int, min_microbatches: int = 1, pad_to_multiple: int = 1) -> int:
