@@ -171,6 +171,16 @@ def pack_routes(sample_routes, placement, total_tokens: int, num_moe_layers: int
     return out
 
 
+def route_positions(placement, total_tokens: int) -> torch.Tensor:
+    """bool `[T]`: the positions of a packed microbatch whose routes a sample supplies (`pack_routes`;
+    not padding, not a sample's last token)."""
+    out = torch.zeros(total_tokens, dtype=torch.bool)
+    for i, start, n in placement:
+        if i >= 0:
+            out[start:start + n - 1] = True
+    return out
+
+
 def routing_agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per MoE layer (`[..., L, k]` inputs), the fraction of tokens routed to the same expert set."""
     same = (canonical(a, 2**15).long() == canonical(b, 2**15).long()).all(-1)
@@ -278,12 +288,17 @@ def record_routes(model_chunks):
 
 
 @contextlib.contextmanager
-def replay_routes(model_chunks, routes_per_microbatch):
+def replay_routes(model_chunks, routes_per_microbatch, agreement: dict | None = None, positions=None):
     """R2 update passes / R3 every pass: the forward passes run inside use `routes_per_microbatch[i]`
     (`[T, L, k]` or `[b, T, L, k]`, all MoE layers, full sequence: `pack_routes` or `record_routes`)
     for the i-th microbatch each model chunk runs, in its forward and in any activation recompute of
     its backward. Raises if a chunk runs more microbatches than given, or if a microbatch's token
-    count differs from its routes'."""
+    count differs from its routes'.
+
+    `agreement` (a dict): also counts, per MoE layer of this rank, at the positions `positions[i]`
+    (bool `[T]`, `route_positions`) of each forward, how many tokens the router's own top-k would
+    have sent to the replayed expert set: `agreement[layer] += [same, positions]`. Megatron skips its
+    own top-k under replay; it is computed from the scores megatron hands to `get_replay_topk`."""
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
     routers = local_routers(model_chunks)
@@ -308,17 +323,39 @@ def replay_routes(model_chunks, routes_per_microbatch):
         for r in routers[c]:
             r.replay.set_target_indices(rows[:, r.column].contiguous())
             r.replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        if agreement is not None:
+            counted[c] = to_router_order(torch.as_tensor(positions[i])[:, None, None], sp)[:, 0, 0].to(devices[c])
+
+    def counting(replay, column, c):
+        original = replay.get_replay_topk
+
+        def get_replay_topk(scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
+            if replay.router_replay_action == RouterReplayAction.REPLAY_FORWARD:
+                with torch.no_grad():
+                    own = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)[1]
+                    same = (own.sort(-1).values == replay.target_topk_idx.sort(-1).values).all(-1)
+                    tally = agreement.setdefault(column, [0, 0])
+                    tally[0] += int((same & counted[c]).sum())
+                    tally[1] += int(counted[c].sum())
+            return original(scores, topk, num_groups, group_topk, default_compute_topk)
+        return get_replay_topk
 
     def post(c, module, args, kwargs, output):
         # Recompute inside the backward pops this chunk's targets in forward order.
         for r in routers[c]:
             r.replay.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
 
+    counted: dict[int, torch.Tensor] = {}  # chunk -> bool positions of its current microbatch
     for c, chunk in enumerate(model_chunks):
         m = _unwrap(chunk)
         handles.append(m.register_forward_pre_hook(lambda mod, a, kw, c=c: pre(c, mod, a, kw), with_kwargs=True))
         handles.append(m.register_forward_hook(lambda mod, a, kw, out, c=c: post(c, mod, a, kw, out), with_kwargs=True))
+        for r in routers[c] if agreement is not None else []:
+            r.replay.get_replay_topk = counting(r.replay, r.column, c)  # an instance attribute, deleted on exit
     try:
         yield
     finally:
+        for chunk_routers in routers if agreement is not None else []:
+            for r in chunk_routers:
+                del r.replay.get_replay_topk
         _release(handles, routers)

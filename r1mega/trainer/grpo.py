@@ -32,7 +32,7 @@ from r1mega.config.steps import max_response_tokens, refreshes_reference
 from r1mega.data.packing import Packed, dp_shares, pack_dp_share, segments_to_padded
 from r1mega.models.moe_load import load_balance, record_expert_load
 from r1mega.models.router_replay import (exchange_routes, local_moe_layers, pack_routes, record_routes, replay_routes,
-                                         route_shape, router_replay_mode)
+                                         route_positions, route_shape, router_replay_mode)
 from r1mega.parallel.state import all_gather_object, data_parallel
 from r1mega.rewards import RewardManager
 from r1mega.rollout.colocate import Colocation
@@ -108,6 +108,7 @@ class GRPOTrainer:
     def step(self, rollout: int) -> dict:
         """Rollout `rollout` (0-based) and its `num_mini_batches x ppo_epochs` optimizer steps."""
         algo, timer = self.algo, PhaseTimer()
+        self._agreement: dict[int, list[int]] = {}  # R3: MoE layer -> [tokens the trainer routes as the engine, tokens]
         # Dr.GRPO's divisor must not depend on packing: default to the rollout's generation limit.
         self.loss_cfg = replace(algo, norm_length=algo.norm_length or max_response_tokens(self.cfg.recipe, algo, rollout))
 
@@ -263,6 +264,7 @@ class GRPOTrainer:
             if self.router_replay == "r3":
                 mb["routes"] = pack_routes([s.routes for s in samples], mb["placement"], mb["tokens"].shape[1],
                                            *route_shape(self.policy.model))
+                mb["route_positions"] = route_positions(mb["placement"], mb["tokens"].shape[1])
         packed.response_tokens = sum(float(fields[i]["resp_mask"].sum()) for place in packed.placement
                                      for i, _, _ in place if i >= 0)
         return packed
@@ -304,7 +306,7 @@ class GRPOTrainer:
         routes; R2 records the pass's own, which the updates then replay (`routes` of each microbatch)."""
         micro = [m for p in minibatches for m in p.microbatches]
         if self.router_replay == "r3":
-            with replay_routes(self.policy.model, [m["routes"] for m in micro]):
+            with self._replay(micro):
                 yield
         elif self.router_replay == "r2":
             with record_routes(self.policy.model) as recorded:
@@ -314,13 +316,23 @@ class GRPOTrainer:
         else:
             yield
 
+    def _replay(self, micro: list[dict]):
+        """Replays the microbatches' routes. R3 also counts how often the trainer's own router agrees
+        with the engine's (`_routing_agreement`) in a pass of the policy the engine sampled with: the
+        old-policy pass, or the update of a mini-batch that had none (before the policy moves)."""
+        routes = [m["routes"] for m in micro]
+        if self.router_replay != "r3" or "old_logp" in micro[0]:
+            return replay_routes(self.policy.model, routes)
+        return replay_routes(self.policy.model, routes, agreement=self._agreement,
+                             positions=[m["route_positions"] for m in micro])
+
     def _update(self, minibatch: Packed) -> dict:
         """One optimizer step on this rank's share of a mini-batch (with the MTP loss when
         `algorithm.mtp_loss_coef` > 0, over response tokens), replaying the microbatches' MoE routes
         under `algorithm.router_replay`."""
         # R2's on-policy mini-batch has no recorded routes: its update routes as the old pass would.
-        replay = (replay_routes(self.policy.model, [m["routes"] for m in minibatch.microbatches])
-                  if "routes" in minibatch.microbatches[0] else contextlib.nullcontext())
+        micro = minibatch.microbatches
+        replay = self._replay(micro) if "routes" in micro[0] else contextlib.nullcontext()
         with replay:
             return self.policy.train_step(minibatch.microbatches, self._loss, mtp_loss_coef=self.algo.mtp_loss_coef,
                                           mtp_mask_key="resp_mask")
@@ -389,6 +401,7 @@ class GRPOTrainer:
         gap = self.cfg.recipe.temperature == 1.0 and self.algo.old_logp_source == "trainer"
         m.update(_last_stage_metrics(minibatches, updates, self.algo.rollout_correction if gap else None))
         m.update(load_balance(_sum_over_ranks(loads)))
+        m.update(_routing_agreement(self._agreement))
         # This DP rank's response tokens per pass over the rollout (rank-local, not gathered).
         m["dp/local_response_tokens"] = sum(p.response_tokens for p in minibatches)
         t = timer.seconds
@@ -419,6 +432,22 @@ def _rollout_correction_metrics(minibatches: list[Packed], correction, group) ->
                 stats.append(rollout_correction_stats(padded(mb["old_logp"]), padded(mb["engine_logp"]),
                                                       padded(mb["resp_mask"]), correction))
     return reduce_correction_stats(stats, group)
+
+
+def _routing_agreement(counts: dict[int, list[int]]) -> dict:
+    """R3: per MoE layer, the share of the rollout's tokens (prompt and response) that the trainer's
+    own router, with the weights the engine sampled with, would have sent to the engine's expert set;
+    every rank's counts summed (a layer lives on one pipeline stage; tensor-parallel copies scale both
+    counts alike)."""
+    total: dict[int, list[int]] = {}
+    for part in all_gather_object(counts):
+        for layer, (same, n) in part.items():
+            t = total.setdefault(layer, [0, 0])
+            t[0], t[1] = t[0] + same, t[1] + n
+    m = {f"routing/agreement/layer{layer}": same / n for layer, (same, n) in sorted(total.items()) if n}
+    if m:
+        m["routing/agreement/min"] = min(m.values())
+    return m
 
 
 def _sum_over_ranks(loads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
