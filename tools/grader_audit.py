@@ -1,5 +1,7 @@
-"""Grader audit: own-gold acceptance and cross-gold false positives of the math reward on every
-benchmark in the data directory, and the known hard cases (`r1mega.rewards.audit`).
+"""Grader audit: the math reward on every benchmark's gold solutions, and on the known hard cases.
+
+Own-gold acceptance and cross-gold false positives on each benchmark of the data directory, and each
+case of `r1mega.rewards.audit.CASES` with its right value.
 
     python tools/grader_audit.py [--others 5] [--workers 2] [--min-own 0.99] [--max-cross 0.005]
 
