@@ -7,11 +7,22 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # pip warns once per package about our machines' empty local index mirrors; keep real errors.
 pip() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory\|Running pip as the 'root' user" >&2); }
-# bubblewrap isolates the code reward's sandbox (sandbox.isolation=auto needs it); root + apt-get install it.
-apt_bwrap() { apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; }; }
-if ! command -v bwrap >/dev/null \
-    && ! { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt_bwrap >/dev/null 2>&1; }; then
-  echo "install.sh: bubblewrap missing (installing it needs root + apt-get): the code reward needs it, or sandbox.isolation=namespace|audit"
+# Debian packages the tests use for real (root + apt-get installs them):
+#   bubblewrap: the code reward's sandbox (sandbox.isolation=auto);
+#   slurmctld slurmd slurm-client munge: a real single-host Slurm cluster (tools/slurm/up.sh);
+#   chromium chromium-driver: the run report rendered in a headless browser.
+APT_PACKAGES="bubblewrap slurmctld slurmd slurm-client munge chromium chromium-driver"
+apt_missing() { for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done; }
+missing=$(apt_missing | tr '\n' ' ')
+if [ -n "${missing// }" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086 - a word list
+    apt-get install -y -q --no-install-recommends $missing >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $missing >/dev/null; }
+  else
+    echo "install.sh: Debian packages missing (installing them needs root + apt-get): $missing"
+  fi
 fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
