@@ -81,6 +81,22 @@ def apply() -> None:
     _recompute_without_cuda_rng()
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with `n` torch intra-op threads, then restore the count.
+
+    An in-process vLLM CPU engine sets the whole process to 1 thread when it loads its model
+    (`set_torch_threads_for_runtime`: "Reducing Torch threads from 2 to 1 for serving") and replaces
+    `torch.set_num_threads` with a no-op, so the colocated trainer's forward/backward would run on one
+    core. `torch._C.set_num_threads` is the function vLLM's replacement hides."""
+    before = torch.get_num_threads()
+    torch._C.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch._C.set_num_threads(before)
+
+
 def _recompute_without_cuda_rng() -> None:
     """Activation recompute (`parallel.recompute_granularity`): megatron's `CheckpointFunction` saves
     and restores the CUDA RNG state around each recomputed chunk: `AssertionError: Torch not compiled
@@ -138,18 +154,68 @@ def _without_transformer_engine() -> None:
 def _local_modules():
     from megatron.core.parallel_state import get_tensor_model_parallel_world_size
     from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from r1mega.data.packing import block_causal_mask
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    class MLADotProductAttention(DotProductAttention):
-        """MLA builds core attention with `k_channels`/`v_channels` (query/key and value head dims
-        differ): `TypeError: DotProductAttention.__init__() got an unexpected keyword argument
-        'k_channels'`. The local kernel is shape-generic except its output width."""
+    class CPUDotProductAttention(DotProductAttention):
+        """megatron's local core attention with two CPU fixes.
+
+        - MLA builds core attention with `k_channels`/`v_channels` (query/key and value head dims
+          differ): `TypeError: DotProductAttention.__init__() got an unexpected keyword argument
+          'k_channels'`. The local kernel is shape-generic except its output width.
+        - The local kernel computes scores over the whole packed microbatch ([T, T] per head) and masks
+          the block-diagonal causal mask (`r1mega.data.packing.block_causal_mask`) afterwards: with ~11
+          sequences per 480-token row that is ~11x the attention work of per-sequence attention, plus
+          unfused mask/scale/softmax passes. Here each packed sequence gets its own causal
+          `scaled_dot_product_attention` (torch's fused CPU kernel). Same maths: the local kernel's
+          masked scores get weight exp(-10000) = 0 in fp32; other cases (dropout, softmax offsets,
+          sliding windows, batch > 1, other masks) keep the local kernel."""
 
         def __init__(self, config, *args, k_channels=None, v_channels=None, **kwargs):
             super().__init__(config, *args, **kwargs)
             if v_channels is not None:
                 heads = config.num_attention_heads // get_tensor_model_parallel_world_size()
                 self.hidden_size_per_partition = v_channels * heads
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            segments = self._causal_segments(query, attention_mask, attention_bias, packed_seq_params)
+            if segments is None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+            # [s, 1, heads, dim] -> [1, heads, s, dim]; GQA groups broadcast inside SDPA.
+            # `split` (not slicing): its backward is one cat, a slice's a zero-filled full-size tensor each.
+            lengths = [b - a for a, b in segments]
+            q, k, v = (t.permute(1, 2, 0, 3).split(lengths, dim=2) for t in (query, key, value))
+            context = torch.cat([
+                torch.nn.functional.scaled_dot_product_attention(
+                    qs, ks, vs, is_causal=True, scale=self.softmax_scale, enable_gqa=qs.size(1) != ks.size(1))
+                for qs, ks, vs in zip(q, k, v)
+            ], dim=2)
+            return context.permute(2, 0, 1, 3).reshape(query.size(0), 1, self.hidden_size_per_partition)
+
+        def _causal_segments(self, query, mask, bias, packed_seq_params) -> list[tuple[int, int]] | None:
+            """[(start, end)] token ranges of a block-diagonal causal `mask` ([1, 1, s, s] bool, True =
+            masked), or None where the fast path does not apply. Checked once per mask (cached on it)."""
+            if (bias is not None or packed_seq_params is not None or query.size(1) != 1
+                    or self.softmax_offset is not None or self.scale_mask_softmax.window_size is not None
+                    or self.config.apply_query_key_layer_scaling
+                    or (self.training and self.attention_dropout.p > 0)):
+                return None
+            s = query.size(0)
+            if mask is None:
+                return [(0, s)] if self.attn_mask_type == AttnMaskType.causal else None
+            if mask.dtype != torch.bool or tuple(mask.shape) != (1, 1, s, s):
+                return None
+            cached = getattr(mask, "_r1mega_segments", None)
+            if cached is None:
+                starts = [0, *(torch.nonzero(mask[0, 0].diagonal(-1)).flatten() + 1).tolist()]
+                cached = list(zip(starts, [*starts[1:], s]))
+                if not torch.equal(block_causal_mask([b - a for a, b in cached], s), mask):
+                    cached = []  # some other mask: the local kernel
+                mask._r1mega_segments = cached
+            return cached or None
 
     class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         """megatron's torch norm wrapper refuses TP+SP (`AssertionError: sequence parallel not
@@ -165,7 +231,7 @@ def _local_modules():
             super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
             self.weight.sequence_parallel = config.sequence_parallel
 
-    return {DotProductAttention: MLADotProductAttention, WrappedTorchNorm: SequenceParallelRMSNorm}
+    return {DotProductAttention: CPUDotProductAttention, WrappedTorchNorm: SequenceParallelRMSNorm}
 
 
 def _duplicated_linear():

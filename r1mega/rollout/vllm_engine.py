@@ -12,6 +12,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from r1mega.platform.cpu import torch_threads
 from r1mega.rollout.engine import Completion, RequestOutput, RolloutEngine
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,11 @@ class VLLMEngine(RolloutEngine):
                 kw.update(enable_return_routed_experts=True)
         from vllm import LLM
 
-        with _private_world() if self.on_cpu else contextlib.nullcontext():
+        # vLLM drops the whole process to its serving thread count (1 on CPU): the colocated trainer keeps
+        # its own, and only generation runs with vLLM's.
+        with torch_threads(torch.get_num_threads()), _private_world() if self.on_cpu else contextlib.nullcontext():
             self.llm = LLM(**kw)
+            self._serve_threads = torch.get_num_threads()
         self._warned_sleep = False
 
     # -- generation ------------------------------------------------------------------------------
@@ -90,7 +94,8 @@ class VLLMEngine(RolloutEngine):
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, logprobs=0,
                                 skip_reading_prefix_cache=True if capture is not None else None)
         try:
-            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params, use_tqdm=False)
+            with torch_threads(self._serve_threads):
+                outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params, use_tqdm=False)
         finally:
             if capture is not None:
                 self.llm.collective_rpc(capture.remove)
@@ -151,7 +156,8 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        outs = self.llm.generate([{"prompt_token_ids": list(t)} for t in token_ids], params, use_tqdm=False)
+        with torch_threads(self._serve_threads):
+            outs = self.llm.generate([{"prompt_token_ids": list(t)} for t in token_ids], params, use_tqdm=False)
         # prompt_logprobs[0] is None (no context); later entries hold the actual token's logprob.
         return [[lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])] for o in outs]
 
