@@ -15,8 +15,13 @@ TOL = 1e-4
 MODELS = {
     "tiny_moe": ["model=tiny_moe"],
     "tiny_dense": ["model=tiny_dense"],
+    # Llama-3.1: rope_scaling type llama3 (factor 8 over 8,192 positions) in megatron, transformers and vLLM.
     "tiny_llama": ["model=tiny_dense", "model.name=tiny_llama", "model.arch=llama", "model.add_qkv_bias=false",
-                   "model.untie_embeddings_and_output_weights=true"],
+                   "model.untie_embeddings_and_output_weights=true", "model.rope_type=llama3",
+                   "model.rotary_scaling_factor=8", "model.original_max_position_embeddings=8192"],
+    # Qwen3: per-head q/k norms, head dim 128 > hidden / heads; Qwen3-MoE: softmax top-k router, no shared expert.
+    "tiny_qwen3": ["model=tiny_qwen3"],
+    "tiny_qwen3_moe": ["model=tiny_qwen3_moe"],
     # DeepSeek-V3's structure (YaRN x40 with mscale, 256 experts, 8 groups / top-4); transformers builds
     # no MTP layer, so the logits comparison is without it (test_dsv3_proxy_mtp_round_trip_ep2 has it).
     "dsv3_proxy": ["model=dsv3_proxy", "model.mtp_num_layers=0"],
@@ -117,7 +122,8 @@ def _check_logits(results: list[dict], ref: torch.Tensor, what: str) -> float:
     return worst
 
 
-@pytest.mark.parametrize("model", list(MODELS))
+# Qwen3 / Qwen3-MoE at 1 process: tests/test_hf_families.py (model=hf on released-style configs).
+@pytest.mark.parametrize("model", [m for m in MODELS if not m.startswith("tiny_qwen3")])
 def test_import_export_one_process(model, tmp_path):
     hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "exported")
     vocab = make_hf_model(MODELS[model], hf_dir).config.vocab_size
@@ -134,7 +140,8 @@ def test_import_export_one_process(model, tmp_path):
     assert (hf_logits(out, vocab) - ref).abs().max().item() <= TOL
 
 
-LAYOUTS = {"tiny_moe": ["tp2", "ep2", "pp2"], "tiny_dense": ["tp2", "pp2"], "dsv3_proxy": ["ep2"]}
+LAYOUTS = {"tiny_moe": ["tp2", "ep2", "pp2"], "tiny_dense": ["tp2", "pp2"], "dsv3_proxy": ["ep2"],
+           "tiny_qwen3": ["tp2", "pp2"], "tiny_qwen3_moe": ["ep2"]}
 
 
 @pytest.mark.parametrize("model", list(LAYOUTS))
@@ -330,6 +337,14 @@ def test_transformer_engine_name_plan():
     assert te["decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"] == ("model.layers.2.input_layernorm.weight",)
     assert te["decoder.layers.2.mlp.linear_fc1.layer_norm_weight"] == ("model.layers.2.post_attention_layernorm.weight",)
     assert not any(n.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight")) for n in te)
+
+    # Qwen3-MoE: GQA's q/k norms stay separate TE norms; no expert bias, no shared expert.
+    qwen3_moe = compose(MODELS["tiny_qwen3_moe"]).model
+    te = dict(mcore_name_plan(qwen3_moe, te=True))
+    assert te["decoder.layers.1.self_attention.q_layernorm.weight"] == ("model.layers.1.self_attn.q_norm.weight",)
+    assert te["decoder.layers.1.self_attention.k_layernorm.weight"] == ("model.layers.1.self_attn.k_norm.weight",)
+    assert te["decoder.layers.1.mlp.router.weight"] == ("model.layers.1.mlp.gate.weight",)
+    assert not any("expert_bias" in n or "shared_experts" in n for n in te)
 
 
 def test_dsv3_proxy_mtp_round_trip_ep2():

@@ -117,6 +117,9 @@ CASES = [
     ("tiny_moe", "single"), ("tiny_moe", "tp2"), ("tiny_moe", "ep2"), ("tiny_moe", "pp2"),
     # DeepSeek-V3's structure: YaRN (mscale) in megatron and vLLM alike, 256 experts split over EP2, MTP.
     ("dsv3_proxy", "single"), ("dsv3_proxy", "ep2"),
+    # Qwen3-MoE: softmax top-k router, no shared expert, no expert bias, experts split over EP2 (1 process,
+    # and Qwen3 dense: tests/test_hf_families.py).
+    ("tiny_qwen3_moe", "ep2"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""megatron-core ↔ Hugging Face names and layouts (DeepSeek-V3, Qwen2, Llama), one table per family.
+"""megatron-core ↔ Hugging Face names and layouts (DeepSeek-V3, Qwen2, Llama, Qwen3, Qwen3-MoE), one table per family.
 
 Public API (used by the checkpoint converter and by the rollout weight sync):
 
@@ -71,6 +71,11 @@ GQA = (
     Rule("self_attention.linear_qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), ("Q h", "K h", "K h"), 0, "qkv"),
     Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), ("h Q",), 1),
 )
+# Qwen3: RMSNorm over each query / key head (head_dim weights, the same on every TP rank).
+QK_NORMS = (
+    Rule("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), ("d",)),
+    Rule("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), ("d",)),
+)
 QKV_BIAS = (
     Rule("self_attention.linear_qkv.bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), ("Q", "K", "K"), 0, "qkv"),
 )
@@ -120,12 +125,12 @@ MTP_SHARED = (
 # fused into the following linear is its `layer_norm_weight`; grouped-GEMM experts (TEGroupedMLP)
 # are one module per layer with `weight{e}` per local expert. (local name, TE name, when: "gqa" =
 # attention is not MLA (MLA keeps a separate input TENorm), "dense" = dense MLP (MoE keeps a
-# separate pre-MLP TENorm), "always").
+# separate pre-MLP TENorm), "mla" = MLA attention (GQA's q/k norms stay separate TENorms), "always").
 TE_NAMES = (
     ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight", "gqa"),
     ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight", "dense"),
-    ("self_attention.q_layernorm.weight", "self_attention.linear_q_up_proj.layer_norm_weight", "always"),
-    ("self_attention.kv_layernorm.weight", "self_attention.linear_kv_up_proj.layer_norm_weight", "always"),
+    ("self_attention.q_layernorm.weight", "self_attention.linear_q_up_proj.layer_norm_weight", "mla"),
+    ("self_attention.kv_layernorm.weight", "self_attention.linear_kv_up_proj.layer_norm_weight", "mla"),
     ("mlp.experts.local_experts.{e}.linear_fc1.weight", "mlp.experts.linear_fc1.weight{e}", "always"),
     ("mlp.experts.local_experts.{e}.linear_fc2.weight", "mlp.experts.linear_fc2.weight{e}", "always"),
 )
@@ -135,7 +140,8 @@ def te_name(mcore: str, m, layer: int) -> str:
     """The Transformer Engine spec's name of layer rule `mcore` (unformatted) in global `layer`."""
     dense = not (m.num_experts and layer >= m.first_k_dense_layers)
     for local, te, when in TE_NAMES:
-        if mcore == local and (when == "always" or (when == "gqa" and not m.multi_latent_attention) or (when == "dense" and dense)):
+        mla = m.multi_latent_attention
+        if mcore == local and (when == "always" or (when == "gqa" and not mla) or (when == "mla" and mla) or (when == "dense" and dense)):
             return te
     return mcore
 
@@ -146,7 +152,7 @@ def _dims(m) -> dict[str, int]:
     qk, rope = m.qk_head_dim, m.qk_pos_emb_head_dim
     return dict(
         h=m.hidden_size, h2=2 * m.hidden_size, V=m.vocab_size, F=m.ffn_hidden_size,
-        Q=heads * head_dim, K=(m.num_query_groups or heads) * head_dim,
+        Q=heads * head_dim, K=(m.num_query_groups or heads) * head_dim, d=head_dim,
         qa=m.q_lora_rank or 0, qb=heads * (qk + rope), kvl=m.kv_lora_rank, kva=m.kv_lora_rank + rope,
         kvb=heads * (qk + m.v_head_dim), o=heads * m.v_head_dim,
         n=m.num_experts or 0, f=m.moe_ffn_hidden_size or 0, s=m.moe_shared_expert_intermediate_size or 0,
@@ -154,8 +160,11 @@ def _dims(m) -> dict[str, int]:
 
 
 def _layer_rules(m, layer: int) -> tuple[Rule, ...]:
-    attn = MLA if m.multi_latent_attention else GQA + (QKV_BIAS if m.add_qkv_bias else ())
-    mlp = MOE_MLP if m.num_experts and layer >= m.first_k_dense_layers else DENSE_MLP
+    attn = MLA if m.multi_latent_attention else GQA + (QKV_BIAS if m.add_qkv_bias else ()) + (QK_NORMS if m.qk_layernorm else ())
+    mlp = DENSE_MLP
+    if m.num_experts and layer >= m.first_k_dense_layers:  # Qwen3-MoE: no expert bias, no shared expert
+        mlp = tuple(r for r in MOE_MLP if (m.moe_router_enable_expert_bias or "expert_bias" not in r.mcore)
+                    and (m.moe_shared_expert_intermediate_size or "shared_experts" not in r.mcore))
     return (NORMS[0],) + attn + (NORMS[1],) + mlp
 
 
@@ -476,11 +485,27 @@ def hf_config(model_cfg) -> dict:
             head_dim=m.qk_pos_emb_head_dim, rope_interleave=True, rope_scaling=rope_scaling,
             num_nextn_predict_layers=m.mtp_num_layers, attention_bias=False,
         )
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
     if m.arch == "qwen2":
         return dict(common, architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False)
     if m.arch == "llama":
+        rope_scaling = None
+        if m.rope_type == "llama3":  # megatron-core's fixed low/high frequency factors (validated)
+            rope_scaling = dict(rope_type="llama3", factor=m.rotary_scaling_factor, low_freq_factor=1.0,
+                                high_freq_factor=4.0, original_max_position_embeddings=m.original_max_position_embeddings)
         return dict(
             common, architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False,
-            head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
+            head_dim=head_dim, rope_scaling=rope_scaling,
+        )
+    if m.arch == "qwen3" and not m.num_experts:
+        return dict(common, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=head_dim,
+                    attention_bias=False, use_sliding_window=False)
+    if m.arch == "qwen3":
+        return dict(
+            common, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=head_dim,
+            attention_bias=False, use_sliding_window=False, num_experts=m.num_experts,
+            num_experts_per_tok=m.moe_router_topk, moe_intermediate_size=m.moe_ffn_hidden_size,
+            norm_topk_prob=not m.moe_router_pre_softmax, decoder_sparse_step=1,
+            mlp_only_layers=list(range(m.first_k_dense_layers)), router_aux_loss_coef=m.moe_aux_loss_coeff,
         )
     raise ValueError(f"no HF mapping for arch {m.arch!r}")

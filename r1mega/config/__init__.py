@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from r1mega.config.hf import register_resolver, with_hf_default
 from r1mega.config.schema import register_configs
 from r1mega.config.validate import ConfigError, validate, world_size_of
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 register_configs()
+register_resolver()  # ${hf:<field>} of conf/model/hf.yaml
 import r1mega.config.recipes  # noqa: E402,F401  (registers recipe/r1_recipe_schema, recipe/distill_recipe_schema)
 
 
@@ -20,14 +22,15 @@ def register_group_schemas() -> None:
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config"):
-    """Compose `conf/<config_name>.yaml` with Hydra overrides and validate it (for tools and tests)."""
+    """Compose `conf/<config_name>.yaml` with Hydra overrides and validate it (for tools and tests).
+    `recipe.base=<HF directory>` without a `model=` override takes `model=hf` (`r1mega.config.hf`)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_group_schemas()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        cfg = hydra_compose(config_name=config_name, overrides=with_hf_default(list(overrides or [])))
     validate(cfg)
     return cfg
 

@@ -33,6 +33,7 @@ def transformer_config(m, par, plat, routing_replay: bool = False) -> Transforme
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=getattr(m, "qk_layernorm", False),  # Qwen3's per-head q/k RMSNorm (MLA sets its own below)
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
@@ -96,8 +97,8 @@ def transformer_config(m, par, plat, routing_replay: bool = False) -> Transforme
     if m.fp8 is not None:
         kw.update(fp8="e4m3" if m.fp8 == "blockwise" else "hybrid", fp8_recipe=m.fp8)
     if m.multi_latent_attention:
+        kw["qk_layernorm"] = True  # q_a_layernorm and kv_a_layernorm
         return MLATransformerConfig(
-            qk_layernorm=True,  # q_a_layernorm and kv_a_layernorm
             q_lora_rank=m.q_lora_rank,
             kv_lora_rank=m.kv_lora_rank,
             qk_head_dim=m.qk_head_dim,
@@ -242,6 +243,9 @@ def build_model(m, par, plat, vp_stage: int | None = None, routing_replay: bool 
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         position_embedding_type="none" if m.multi_latent_attention else "rope",
         rotary_base=int(m.rotary_base),
+        # Llama-3.1 rope (validated: megatron fixes low/high frequency factors 1, 4 and 8,192 positions).
+        rope_scaling=m.rope_type == "llama3",
+        rope_scaling_factor=m.rotary_scaling_factor,
         mtp_block_spec=mtp_spec,
         vp_stage=vp_stage,
     )

@@ -42,7 +42,8 @@ def _attention(m) -> int:
     groups = m.num_query_groups or m.num_attention_heads
     qkv_out = (m.num_attention_heads + 2 * groups) * head
     bias = qkv_out if m.add_qkv_bias else 0
-    return h * qkv_out + bias + m.num_attention_heads * head * h + h
+    qk_norms = 2 * head if getattr(m, "qk_layernorm", False) else 0  # per-head q and k RMSNorm (Qwen3)
+    return h * qkv_out + bias + qk_norms + m.num_attention_heads * head * h + h
 
 
 def _gated_mlp(hidden: int, ffn: int) -> int:

@@ -79,6 +79,7 @@ def apply() -> None:
     _gloo_all_to_all_with_list_splits()
     _distributed_optimizer_load_with_torch_adam()
     _recompute_without_cuda_rng()
+    _moe_dispatcher_stream_independent_of_vllm()
 
 
 @contextlib.contextmanager
@@ -116,6 +117,18 @@ def _recompute_without_cuda_rng() -> None:
             return original(ctx, *args)
 
     megatron_random.CheckpointFunction.backward = staticmethod(backward)
+
+
+def _moe_dispatcher_stream_independent_of_vllm() -> None:
+    """The alltoall MoE dispatcher creates one process-wide `torch.cuda.Stream()` at its first
+    construction. Importing vLLM's CPU worker (vllm/v1/worker/cpu/shm.py) replaces torch.cuda.Stream
+    with a placeholder whose `record_event()` returns None, so a MoE model built after an in-process
+    vLLM engine started (a Qwen3-MoE or DeepSeek-V3 model after any engine) fails in its first forward:
+    `AttributeError: 'NoneType' object has no attribute 'synchronize'` (token_dispatcher.py:899).
+    Give the dispatcher r1mega's no-op stream up front, whoever patched torch.cuda last."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NoOpStream()
 
 
 def _gloo_all_to_all_with_list_splits() -> None:
