@@ -13,12 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from r1mega.config.schema import DataConfig
 from r1mega.data.prompts import data_dir
 from tests.cli import cli_env
 from tests.distributed import free_port
+from tests.wandb_offline import history_steps
 
 SMALL = [
     "recipe=r1_zero", "recipe.pretrain.steps=10", "recipe.pretrain.num_docs=1000", "recipe.pretrain.tokenizer_docs=1000",
@@ -97,6 +99,11 @@ def test_r3_routing_replay_and_tis_against_a_bfloat16_engine(tmp_path, cache_dir
         assert len([k for k in r if k.startswith("routing/agreement/layer")]) == 3, r
         assert 0.9 < r["routing/agreement/min"] <= 1.0, r
     assert min(r["routing/agreement/min"] for r in rows) < 1.0  # ... not on all: bfloat16 flips some
+    # the rollout record keeps the engine's routes: [prompt + response - 1 tokens, 3 MoE layers, top-k]
+    record = pq.read_table(tmp_path / "run" / "rollouts" / "step_000002.parquet").to_pydict()
+    for p, r, routes, shape in zip(record["prompt_ids"], record["response_ids"], record["routes"], record["routes_shape"]):
+        assert shape == [len(p) + len(r) - 1, 3, 2] and len(routes) == math.prod(shape)
+        assert 0 <= min(routes) and max(routes) < 8  # expert ids of tiny_moe (8 routed experts)
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path, cache_dir):
@@ -104,7 +111,8 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, cache_dir):
     reference = _run(tmp_path / "uninterrupted", cache_dir, extra)
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(run_dir, cache_dir, extra), env=cli_env(), stdout=subprocess.DEVNULL,
+    logged = [x for x in extra if x != "recipe.wandb=false"]  # the killed run and its restart log to W&B
+    proc = subprocess.Popen(_cmd(run_dir, cache_dir, logged), env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     latest = run_dir / "ckpt" / "latest"
     deadline = time.time() + 600
@@ -116,8 +124,14 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, cache_dir):
     proc.wait()
     assert len(_rows(run_dir)) < 4
 
-    resumed = _run(run_dir, cache_dir, extra)
+    resumed = _run(run_dir, cache_dir, logged)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    # W&B (offline): the restart continued the same run id, and no step is logged twice
+    wandb_id = (run_dir / "r1_zero_wandb_id").read_text()
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [f.name for f in files] == [f"run-{wandb_id}.wandb"] * 2
+    killed, restarted = (history_steps(f) for f in files)
+    assert set(killed) <= {1, 2} and restarted == [3, 4]  # a kill may cut the last rows, never duplicate them
     for got, want in zip(resumed[2:], reference[2:]):
         for k, v in want.items():
             if not k.startswith(NONDETERMINISTIC):

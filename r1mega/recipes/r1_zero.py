@@ -40,9 +40,6 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
     """GRPO from `base` with `cfg.recipe`'s settings, everything under `run_dir`; returns the
     before/after eval. Restarting with the same `run_dir` resumes from its last checkpoint.
     `reward_model`: an optional `RewardModelScorer` whose score joins the rule rewards."""
-    from r1mega.models.build import build_model
-    from r1mega.models.router_replay import router_replay_mode
-    from r1mega.trainer.engine import MegatronEngine
     from r1mega.trainer.grpo import GRPOTrainer
 
     r = cfg.recipe
@@ -51,34 +48,26 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
     prompts = PromptSource(load_rows(cfg.data, "train"), tok, r.template, r.max_prompt_tokens, seed=cfg.platform.seed)
     eval_rows = load_rows(cfg.data, "eval")
 
-    # Routing replay needs megatron's RouterReplay in the policy's routers; the reference routes itself.
-    policy = MegatronEngine(cfg, build_fn=partial(build_model, routing_replay=router_replay_mode(cfg) != "none"))
-    ref = MegatronEngine(cfg, trainable=False) if cfg.algorithm.kl_coef else None
     ckpt = CheckpointManager(run_dir / "ckpt", keep_last=r.keep_last)
     ref_ckpt = CheckpointManager(run_dir / "ref", keep_last=1)
-    start, ref_step = 0, 0
-    if ckpt.latest_step() is not None:
-        state = ckpt.load(policy.model, policy.optimizer)
-        start, ref_step = state["step"], state["ref_step"]
-        policy.scheduler.load_state_dict(state["scheduler"])
+    policy, ref, start, ref_step = load_models(cfg, base, run_dir)
+    if start:
         interrupt.checkpointed(f"rollout {start}", ckpt.root)
         if is_rank0():
             print(f"r1mega: resuming from checkpoint at rollout {start} ({ckpt.root})", file=sys.stderr, flush=True)
-    else:
-        base.load_into(policy.model)
-    if ref is not None:
-        ref_ckpt.load(ref.model, step=ref_step) if ref_step else base.load_into(ref.model)
 
     engine = _engine(cfg, tok, run_dir, launch)
     log = None
     try:
-        trainer = GRPOTrainer(cfg, policy, ref, engine, tok, prompts, reward_model=reward_model)
+        records = _records(cfg, run_dir, tok)
+        trainer = GRPOTrainer(cfg, policy, ref, engine, tok, prompts, reward_model=reward_model, records=records)
         trainer.ref_step = ref_step
         trainer.colocation.weight_sync.sync(policy.model, engine)  # the engine starts from dummy weights
         interrupt.stop_point()
 
         log = MetricsLogger(run_dir, r.name, r.rollouts, config=OmegaConf.to_container(cfg, resolve=True), start_step=start,
-                            headline=("reward/mean", "accuracy", "response_length/mean"), use_wandb=r.wandb, unit="rollout")
+                            headline=("reward/mean", "accuracy", "response_length/mean"), use_wandb=r.wandb, unit="rollout",
+                            samples_every=records.cfg.wandb_every)
         log.print(f"{r.name}: {step_plan(r, cfg.algorithm, num_prompts=len(prompts)).line()}")
         if prompts.skipped:
             log.print(f"[yellow]{prompts.skipped} prompts longer than recipe.max_prompt_tokens={r.max_prompt_tokens} were skipped")
@@ -112,6 +101,50 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
             log.close()  # idempotent; flushes W&B when the loop stopped early
         if engine is not None:
             engine.shutdown()  # before the process groups go: vLLM destroys its own at shutdown
+
+
+def load_models(cfg, base: Base, run_dir: Path, step: int | None = None):
+    """(policy, reference or None, rollout, reference step): the policy (weights, optimizer,
+    scheduler) from the checkpoint of `run_dir` at rollout `step` (None: the latest; none yet, or
+    `step=0`: `base`) and the reference it had then. Raises FileNotFoundError for a missing one."""
+    from r1mega.models.build import build_model
+    from r1mega.models.router_replay import router_replay_mode
+    from r1mega.trainer.engine import MegatronEngine
+
+    # Routing replay needs megatron's RouterReplay in the policy's routers; the reference routes itself.
+    policy = MegatronEngine(cfg, build_fn=partial(build_model, routing_replay=router_replay_mode(cfg) != "none"))
+    ref = MegatronEngine(cfg, trainable=False) if cfg.algorithm.kl_coef else None
+    ckpt, ref_ckpt, ref_step = CheckpointManager(run_dir / "ckpt"), CheckpointManager(run_dir / "ref"), 0
+    step = ckpt.latest_step() if step is None else step
+    if step:
+        state = _checkpoint(ckpt, step).load(policy.model, policy.optimizer, step=step)
+        ref_step = state["ref_step"]
+        policy.scheduler.load_state_dict(state["scheduler"])
+    else:
+        base.load_into(policy.model)
+    if ref is not None:
+        _checkpoint(ref_ckpt, ref_step).load(ref.model, step=ref_step) if ref_step else base.load_into(ref.model)
+    return policy, ref, step or 0, ref_step
+
+
+def _checkpoint(ckpt: CheckpointManager, step: int) -> CheckpointManager:
+    if not ckpt.path(step).is_dir():
+        kept = sorted(int(p.name[5:]) for p in ckpt.root.glob("step_*") if p.name[5:].isdigit())
+        raise FileNotFoundError(f"{ckpt.path(step)}: no checkpoint at rollout {step} (kept: {kept or 'none'}; "
+                                f"recipe.save_every and recipe.keep_last choose them)")
+    return ckpt
+
+
+def _records(cfg, run_dir: Path, tok):
+    """Rollout records under `run_dir/rollouts` (`recipe.records`; an R1 stage, which has no such
+    field, records with the defaults)."""
+    from r1mega.config.schema import RecordsConfig
+    from r1mega.trainer.records import RolloutRecords
+
+    records = cfg.recipe.get("records")
+    records = RecordsConfig() if records is None else OmegaConf.to_object(records)
+    return RolloutRecords(run_dir / "rollouts", records, tok, cfg.algorithm.group_size,
+                          trainer_logp=cfg.algorithm.old_logp_source == "trainer")
 
 
 def _engine(cfg, tok, run_dir: Path, launch):

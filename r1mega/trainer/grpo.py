@@ -81,10 +81,11 @@ class GRPOTrainer:
 
     on_policy_shortcut = True  # no old-policy pass for a mini-batch the policy has not moved before (False: check)
 
-    def __init__(self, cfg, policy, ref, engine, tokenizer, prompts, reward_model=None):
+    def __init__(self, cfg, policy, ref, engine, tokenizer, prompts, reward_model=None, records=None):
         self.cfg, self.policy, self.ref, self.engine, self.tok, self.prompts = cfg, policy, ref, engine, tokenizer, prompts
         # Optional r1mega.rewards.reward_model.RewardModelScorer (collective, on every rank like `ref`).
         self.reward_model = reward_model
+        self.records = records  # optional r1mega.trainer.records.RolloutRecords (collective, every rank)
         self.algo: GRPOConfig = OmegaConf.to_object(cfg.algorithm)
         self.reward = RewardManager(cfg.reward, cfg.recipe.template) if engine is not None else None
         # Colocated rollouts: gradients and optimizer state leave the GPU while the engine runs.
@@ -140,6 +141,8 @@ class GRPOTrainer:
         with timer("train"), record_expert_load(self.policy.model if loads is None else []) as train_loads:
             updates = [self._update(mb) for _ in range(algo.ppo_epochs) for mb in minibatches]
         loads = train_loads if loads is None else loads
+        with timer("record"):
+            self._record(rollout, samples, parts, minibatches)
 
         # 8. weight sync; the reference follows the policy every `ref_update_optimizer_steps`
         with timer("sync"):
@@ -371,6 +374,12 @@ class GRPOTrainer:
             for (_, p), (_, q) in zip(self.policy.named_parameters(), self.ref.named_parameters(), strict=True):
                 q.copy_(p)
         self.ref_step = step
+
+    def _record(self, rollout: int, samples: list[Sample], parts: list[list[Sample]], minibatches: list[Packed]) -> None:
+        """The rollout record (r1mega.trainer.records): the samples as trained, with the trainer's
+        pi_old per token, written by rank 0 every `recipe.records.every` rollouts."""
+        if self.records is not None:
+            self.records.write(rollout + 1, samples, parts, minibatches)
 
     # -- metrics -------------------------------------------------------------------------------------
     def _metrics(self, samples, minibatches, updates, loads, timer) -> dict:

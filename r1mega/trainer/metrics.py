@@ -2,7 +2,12 @@
 
 W&B runs offline unless the user configures it (`WANDB_MODE=online` and a key): files land in
 `<run_dir>/wandb`, to be `wandb sync`-ed later. `metrics.jsonl` in the run directory is the
-source the PNG and the resume test read.
+source the PNG and the resume test read. The W&B run id is kept in `<run_dir>/<name>_wandb_id`: a
+restart (after kill -9 too) continues the same W&B run (`resume="allow"`), and steps the killed run
+already logged (they are in metrics.jsonl) are not logged to W&B again, so its step column stays
+strictly increasing with no duplicates. With `samples_every` > 0, every that many steps a table of
+sample completions (the first `SAMPLE_ROWS` rows of the step's rollout record, r1mega.trainer.records)
+goes to W&B as `samples`.
 
 On a terminal the console shows a progress bar (stderr). Without one (stdout not a TTY: Slurm, nohup,
 `| tee`) each step prints one plain line to stdout instead, e.g.
@@ -26,7 +31,7 @@ from r1mega.parallel.state import is_rank0
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, name: str, total_steps: int, config: dict | None = None,
                  start_step: int = 0, headline: tuple[str, ...] = (), use_wandb: bool = True, unit: str = "step",
-                 plain: bool | None = None, plain_every_s: float = 0.0):
+                 plain: bool | None = None, plain_every_s: float = 0.0, samples_every: int = 0):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / f"{name}_metrics.jsonl"
         self.name, self.total, self.unit = name, total_steps, unit
@@ -39,9 +44,12 @@ class MetricsLogger:
         self.plain = (not _isatty(sys.stdout)) if plain is None else plain
         self.plain_every_s = plain_every_s  # plain lines at most this often (the last step always)
         self._last_t = self._printed_t = time.perf_counter()
+        self.samples_every = samples_every
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Steps a killed run logged past its checkpoint are in W&B already: it gets steps after them only.
+        self.wandb_after = max((r["step"] for r in self.rows()), default=0) if self.path.exists() else 0
         if start_step == 0 and self.path.exists():
             self.path.unlink()
         self._truncate_after(start_step)
@@ -51,7 +59,7 @@ class MetricsLogger:
             os.environ.setdefault("WANDB_MODE", "offline")
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project="r1mega", name=name, dir=str(self.run_dir), config=config,
-                                    resume="allow", id=_run_id(self.run_dir, name), reinit="create_new")
+                                    resume="allow", id=_run_id(self.run_dir / f"{name}_wandb_id"), reinit="create_new")
         self.console = Console(stderr=True)
         if self.plain:
             return
@@ -78,8 +86,8 @@ class MetricsLogger:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(row, step=step)
+        if self.wandb is not None and step > self.wandb_after:
+            self.wandb.log({**row, **self._samples_table(step)}, step=step)
         now = time.perf_counter()
         dt, self._last_t = now - self._last_t, now
         if self.progress is None:
@@ -89,6 +97,21 @@ class MetricsLogger:
             return
         info = "  ".join(f"{k}={row[k]:.4g}" for k in self.headline if isinstance(row.get(k), (int, float)))
         self.progress.update(self.task, completed=step, info=info)
+
+    def _samples_table(self, step: int) -> dict:
+        """{"samples": a W&B table of the step's sample completions} every `samples_every` steps
+        that have a rollout record, else {}."""
+        from r1mega.trainer.records import path_of
+
+        path = path_of(self.run_dir / "rollouts", step)
+        if not (self.samples_every and step % self.samples_every == 0 and path.is_file()):
+            return {}
+        import pyarrow.parquet as pq
+        import wandb
+
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=SAMPLE_ROWS, columns=SAMPLE_COLUMNS))
+        cols = batch.to_pydict()
+        return {"samples": wandb.Table(columns=SAMPLE_COLUMNS, data=[list(r) for r in zip(*cols.values())])}
 
     def line(self, step: int, row: dict, seconds: float) -> str:
         """The plain per-step line: `<name> <unit> 3/30  reward 0.41  accuracy 0.38  len 21.0  7.2 s`."""
@@ -102,7 +125,7 @@ class MetricsLogger:
 
     def print(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text)
+            self.console.print(text, soft_wrap=True)  # one line however long (a log reader greps it)
 
     def close(self) -> None:
         if not self.enabled or self.closed:
@@ -115,6 +138,8 @@ class MetricsLogger:
 
 
 _SHORT = {"reward/mean": "reward", "response_length/mean": "len"}
+SAMPLE_ROWS = 64  # rows of a W&B samples table (the rollout's first groups)
+SAMPLE_COLUMNS = ["step", "group", "sample", "prompt", "response", "reward/total", "advantage", "truncated"]
 
 
 def _num(v: float) -> str:
@@ -138,10 +163,17 @@ def _plain(v):
     return v
 
 
-def _run_id(run_dir: Path, name: str) -> str:
-    import hashlib
+def _run_id(path: Path) -> str:
+    """The W&B run id kept in file `path`; a new one, written atomically, when there is none."""
+    if path.is_file():
+        return path.read_text().strip()
+    import secrets
 
-    return hashlib.sha1(f"{run_dir.resolve()}:{name}".encode()).hexdigest()[:12]
+    run_id = secrets.token_hex(6)  # W&B ids: lowercase letters and digits
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(run_id)
+    os.replace(tmp, path)
+    return run_id
 
 
 def plot_curves(rows: list[dict], keys: list[str], path: str | Path, title: str) -> Path:
