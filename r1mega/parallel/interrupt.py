@@ -8,9 +8,11 @@ collective). A loop that stops saves its checkpoint, records it (`checkpointed`)
 `Interrupted`; the CLI prints one line naming the checkpoint and exits 128 + signal (130 for SIGINT,
 143 for SIGTERM), without a traceback.
 
-A second signal (more than `REPEAT_S` after the first: torchrun forwards the terminal's Ctrl-C to
+A second Ctrl-C (more than `REPEAT_S` after the first: torchrun forwards the terminal's Ctrl-C to
 its workers, who then get it twice) stops at once: one line naming the last checkpoint, exit
-128 + signal, no cleanup.
+128 + signal, no cleanup. A repeated SIGTERM is the same request: under Slurm each rank gets one
+from slurmd and one from torchrun, possibly seconds apart on a loaded node; the managers send
+SIGKILL themselves when their grace period (KillWait, torchrun's shutdown timeout) ends.
 
 Helper processes must not die of the terminal's Ctrl-C (or a process-group SIGTERM) while the main
 process finishes its step: the reward workers' fork server is started with both signals ignored,
@@ -96,11 +98,11 @@ def _handler(signum, frame) -> None:
     now = time.monotonic()
     if _signum is None:
         _signum, _first_at = signum, now
-        key = "Ctrl-C" if signum == signal.SIGINT else _name(signum)
+        again = "Ctrl-C again to stop at once; " if signum == signal.SIGINT else ""
         _say(f"\nr1mega: {_name(signum)} received: stopping at the end of the current step, with a checkpoint "
-             f"({key} again to stop at once; the last checkpoint is kept)")
+             f"({again}the last checkpoint is kept)")
         return
-    if now - _first_at < REPEAT_S:
+    if signum == signal.SIGTERM or now - _first_at < REPEAT_S:
         return  # the same interruption, delivered twice
     _say(f"\nr1mega: stopped at once ({_name(signum)} again); {saved_line()}")
     os._exit(128 + signum)
