@@ -28,29 +28,59 @@ def _one_line(exc: BaseException) -> str:
 
 
 def preflight(argv: list[str]) -> DictConfig:
-    """Compose and validate the job config exactly as the run will see it; exit 2 on any problem."""
+    """Compose and validate the job config exactly as the run will see it; exit 2 on any problem.
+    With `-m` (multirun) every job of the sweep is checked so, before any of them runs; the last
+    job's config is returned."""
     args = get_args_parser().parse_args(argv)
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    if not args.multirun:
+        return _check(overrides, args)
+    jobs = sweep_jobs(overrides)
+    for i, job in enumerate(jobs, 1):
+        cfg = _check(job, args, f"sweep job {i}/{len(jobs)} ({' '.join(job)})")
+    return cfg
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override list of each job `-m` launches, as Hydra's basic sweeper expands them (the
+    cartesian product of comma lists, `range(...)`, `glob(...)`); exit 2 on a malformed sweep."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
+    try:
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
+        return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+    except Exception as e:  # hydra's parse and sweep errors
+        print(f"r1mega: invalid sweep: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _check(overrides: list[str], args, job: str | None = None) -> DictConfig:
+    """`preflight` of one job (`job`: how errors name it in a sweep)."""
+    job_ = f"{job}: " if job else ""
     try:
         cfg = compose(overrides)
     except ConfigError as e:
         more = f" ({len(e.problems) - 1} more problem(s) after fixing this)" if len(e.problems) > 1 else ""
-        print(f"r1mega: invalid config: {e.problems[0]}{more}", file=sys.stderr)
+        print(f"r1mega: invalid config: {job_}{e.problems[0]}{more}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # hydra/omegaconf composition errors (bad type, unknown key or option)
-        print(f"r1mega: invalid config: {_one_line(e)}", file=sys.stderr)
+        print(f"r1mega: invalid config: {job_}{_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     if not (args.cfg or args.help or args.hydra_help or args.info or args.shell_completion):
         problem = dir_problem("run_dir", cfg.run_dir)  # Hydra creates run_dir (hydra.run.dir) first thing
         if problem:
-            print(f"r1mega: invalid config: {problem}", file=sys.stderr)
+            print(f"r1mega: invalid config: {job_}{problem}", file=sys.stderr)
             sys.exit(2)
     print(count_parameters(cfg.model).summary(cfg.model.name), file=sys.stderr)
     if "rollouts" in cfg.recipe:  # an RL recipe: its step arithmetic before anything runs
         from r1mega.config.steps import step_plan
 
         print(f"{cfg.recipe.name}: {step_plan(cfg.recipe, cfg.algorithm).line()}", file=sys.stderr)
-    memory_check(cfg)
+    memory_check(cfg, job)
     return cfg
 
 
@@ -76,7 +106,7 @@ def dir_problem(key: str, path) -> str | None:
     return None
 
 
-def memory_check(cfg: DictConfig) -> None:
+def memory_check(cfg: DictConfig, job: str | None = None) -> None:
     """Refuse (exit 2) before anything is built when the planner's per-device estimate exceeds the
     device (r1mega.plan.preflight); `platform.memory_check=false` skips it."""
     import os
@@ -86,7 +116,7 @@ def memory_check(cfg: DictConfig) -> None:
     result = check(cfg)
     if not result.fits:
         if os.environ.get("RANK", "0") == "0":
-            print("\n".join(result.lines()), file=sys.stderr)
+            print("\n".join(([job] if job else []) + result.lines()), file=sys.stderr)
         sys.exit(2)
 
 
@@ -99,15 +129,23 @@ def _run(cfg: DictConfig) -> None:
 
         interrupt.shield_helpers()
         interrupt.stop_point()  # a signal during composition and checks
-    run_recipe(cfg)
+    from r1mega.console import session
+
+    with session(cfg):  # r1mega's lines on the terminal, the rest in <run_dir>/run.log (verbose=true: all)
+        run_recipe(cfg)
 
 
 def main() -> None:
     # Ctrl-C / SIGTERM: the loops stop at their next safe point with a checkpoint (all ranks agree),
     # then one line and exit 130 / 143 (r1mega.parallel.interrupt); no traceback.
+    from r1mega.console import hold_harmless_warnings
     from r1mega.parallel import interrupt
 
+    hold_harmless_warnings()  # known-harmless library warnings go to the run's log (r1mega.console)
     interrupt.install()
+    from r1mega.config.hf import with_hf_default
+
+    sys.argv[1:] = with_hf_default(sys.argv[1:])  # recipe.base=<HF dir> without model=: model=hf, for Hydra too
     try:
         preflight(sys.argv[1:])
         _run()

@@ -18,11 +18,14 @@ class ModelConfig:
     """One transformer decoder, described in megatron-core's vocabulary.
 
     `arch` picks the family: `deepseek_v3` (MLA + DeepSeekMoE), `qwen2` (GQA with q/k/v biases),
-    `llama` (GQA, no biases). MoE fields apply when `num_experts` is set.
+    `llama` (GQA, no biases), `qwen3` (GQA with per-head q/k RMSNorm; Qwen3-MoE when `num_experts`
+    is set). MoE fields apply when `num_experts` is set. `model=hf` reads every field from a Hugging
+    Face directory's config.json (`r1mega.config.hf`).
     """
 
     name: str = MISSING
-    arch: str = MISSING  # deepseek_v3 | qwen2 | llama
+    hf_dir: Optional[str] = None  # model=hf: the HF directory read (None: recipe.base); presets: unused
+    arch: str = MISSING  # deepseek_v3 | qwen2 | llama | qwen3
     num_layers: int = MISSING
     hidden_size: int = MISSING
     ffn_hidden_size: int = MISSING  # dense MLP width (the first-k dense layers of a MoE model)
@@ -35,6 +38,7 @@ class ModelConfig:
     norm_epsilon: float = 1e-6
     untie_embeddings_and_output_weights: bool = True
     add_qkv_bias: bool = False
+    qk_layernorm: bool = False  # RMSNorm of each query/key head before rope (Qwen3); MLA has its own
     init_method_std: float = 0.02
 
     # Multi-head latent attention (DeepSeek-V2/V3).
@@ -44,9 +48,9 @@ class ModelConfig:
     qk_head_dim: int = 128  # "qk_nope_head_dim"
     qk_pos_emb_head_dim: int = 64  # "qk_rope_head_dim"
     v_head_dim: int = 128
-    rope_type: str = "rope"  # rope | yarn
-    rotary_scaling_factor: float = 1.0  # YaRN factor
-    original_max_position_embeddings: int = 4096
+    rope_type: str = "rope"  # rope | yarn (MLA only) | llama3 (GQA only: Llama-3.1's frequency scaling)
+    rotary_scaling_factor: float = 1.0  # YaRN / llama3 factor
+    original_max_position_embeddings: int = 4096  # YaRN; llama3: 8192 (megatron-core's fixed value)
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float = 1.0
@@ -63,7 +67,7 @@ class ModelConfig:
     moe_router_num_groups: Optional[int] = None  # group-limited routing
     moe_router_group_topk: Optional[int] = None
     moe_router_topk_scaling_factor: Optional[float] = None  # routed_scaling_factor
-    moe_router_pre_softmax: bool = False
+    moe_router_pre_softmax: bool = False  # softmax over all experts, top-k not renormalised (HF norm_topk_prob=false)
     moe_aux_loss_coeff: float = 0.0
     moe_router_load_balancing_type: str = "none"  # none | aux_loss | seq_aux_loss
     first_k_dense_layers: int = 0
@@ -216,6 +220,15 @@ class EvalConfig:
 
 
 @dataclass
+class RecordsConfig:
+    """Rollout records (r1mega.trainer.records): one Parquet file per recorded rollout in <run_dir>/rollouts."""
+
+    every: int = 1  # rollouts between records (0: no records)
+    max_gb: float = 10.0  # cap on <run_dir>/rollouts in GB (1e9 bytes); the oldest files are removed beyond it
+    wandb_every: int = 10  # rollouts between W&B tables of sample completions read from the record (0: none)
+
+
+@dataclass
 class RLRecipeConfig(RecipeConfig):
     """A GRPO run (R1-Zero, or an RL stage of R1). Paper values in conf/recipe/r1_zero.yaml; the CPU
     overlay conf/recipe_platform/r1_zero_cpu.yaml shrinks them for the embedded default.
@@ -245,6 +258,7 @@ class RLRecipeConfig(RecipeConfig):
     offload_train_state: bool = True  # free gradients, optimizer state to host memory while vLLM runs
     wandb: bool = True
     deterministic: bool = True  # CPU: resumed runs reproduce the uninterrupted run's metrics
+    records: RecordsConfig = field(default_factory=RecordsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -261,6 +275,7 @@ class R1MegaConfig:
     reward: Any = MISSING  # RewardConfig (r1mega.rewards.compose)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run_dir: str = "runs/${recipe.name}/${model.name}"
+    verbose: bool = False  # true: every library's output on the terminal; false: r1mega's lines there, all in <run_dir>/run.log
 
 
 def register_configs() -> None:

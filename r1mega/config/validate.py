@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Iterator, Optional
 
-ARCHS = ("deepseek_v3", "qwen2", "llama")
+ARCHS = ("deepseek_v3", "qwen2", "llama", "qwen3")
 FP8_RECIPES = ("blockwise", "delayed")
 
 
@@ -132,7 +132,7 @@ RANGES: dict[str, dict[str, Rule]] = {
         num_attention_heads=POSITIVE_INT, num_query_groups=POSITIVE_INT, kv_channels=POSITIVE_INT,
         vocab_size=POSITIVE_INT, max_position_embeddings=POSITIVE_INT, rotary_base=POSITIVE, norm_epsilon=POSITIVE,
         init_method_std=POSITIVE, q_lora_rank=POSITIVE_INT, kv_lora_rank=POSITIVE_INT, qk_head_dim=POSITIVE_INT,
-        qk_pos_emb_head_dim=POSITIVE_INT, v_head_dim=POSITIVE_INT, rope_type=one_of("rope", "yarn"),
+        qk_pos_emb_head_dim=POSITIVE_INT, v_head_dim=POSITIVE_INT, rope_type=one_of("rope", "yarn", "llama3"),
         rotary_scaling_factor=POSITIVE, original_max_position_embeddings=POSITIVE_INT, beta_fast=POSITIVE,
         beta_slow=POSITIVE, mscale=NON_NEGATIVE, mscale_all_dim=NON_NEGATIVE, num_experts=POSITIVE_INT,
         moe_ffn_hidden_size=POSITIVE_INT, moe_shared_expert_intermediate_size=POSITIVE_INT,
@@ -164,6 +164,8 @@ RANGES: dict[str, dict[str, Rule]] = {
     "DataConfig": dict(source=one_of("arithmetic", "jsonl"), eval_limit=at_least(1)),
     "PretrainConfig": dict(steps=at_least(1), batch_size=at_least(1), max_tokens=POSITIVE_INT, num_docs=at_least(1),
                            lr=NON_NEGATIVE, min_lr=NON_NEGATIVE, warmup_steps=NON_NEGATIVE, tokenizer_docs=at_least(1)),
+    "RecordsConfig": dict(every=NON_NEGATIVE.because("rollouts between rollout records; 0 = none"), max_gb=POSITIVE,
+                          wandb_every=NON_NEGATIVE.because("rollouts between W&B sample tables; 0 = none")),
     "EvalConfig": dict(every=NON_NEGATIVE.because("rollouts between evals; 0 = only before and after"), **_EVAL),
     "RLRecipeConfig": dict(_RL_RUN),
     "RLStageConfig": dict(_RL_RUN),
@@ -433,6 +435,9 @@ def _model_problems(m) -> list[str]:
             p.append(f"model.{f}={getattr(m, f)} must be positive.")
     if m.multi_latent_attention and m.arch != "deepseek_v3":
         p.append(f"model.multi_latent_attention is only defined for arch deepseek_v3, not {m.arch!r}.")
+    p += _rope_problems(m)
+    if getattr(m, "qk_layernorm", False) and m.multi_latent_attention:
+        p.append("model.qk_layernorm is for GQA attention (qwen3); MLA always normalises its latents, set it false.")
     if m.num_query_groups and m.num_attention_heads % m.num_query_groups:
         p.append(
             f"model.num_query_groups={m.num_query_groups} does not divide "
@@ -467,6 +472,42 @@ def _model_problems(m) -> list[str]:
                     f"{m.moe_router_group_topk} so megatron routes like the DeepSeek-V3 HF/vLLM models."
                 )
     return p
+
+
+def _rope_problems(m) -> list[str]:
+    """Rope scaling megatron-core applies: YaRN in MLA only, llama3 in GQA only with its fixed
+    original length (RotaryEmbedding._apply_scaling: low/high frequency factors 1 and 4, 8,192)."""
+    if m.rope_type == "yarn" and not m.multi_latent_attention:
+        return ["model.rope_type=yarn needs model.multi_latent_attention=true (megatron-core's GPT rope has no YaRN "
+                "for GQA attention here)."]
+    if m.rope_type == "llama3":
+        if m.multi_latent_attention:
+            return ["model.rope_type=llama3 is for GQA attention; MLA supports rope or yarn."]
+        if m.original_max_position_embeddings != 8192:
+            return [f"model.original_max_position_embeddings={m.original_max_position_embeddings} with "
+                    f"model.rope_type=llama3 must be 8192 (megatron-core's llama3 rope scaling fixes it)."]
+    return []
+
+
+def _hf_problems(cfg) -> list[str]:
+    """`model=hf`: its directory must be readable and mappable (every refused key, by name); a preset
+    with `recipe.base=<HF directory>` must agree with that directory's config.json field by field."""
+    from r1mega.config import hf
+
+    model, recipe = cfg.model, getattr(cfg, "recipe", None)
+    base = getattr(recipe, "base", "embedded") if recipe is not None else "embedded"
+    try:
+        if hf.uses_hf(model):
+            path = hf.model_dir_of(model, cfg)
+            if path is None:
+                return ["model=hf needs model.hf_dir=<Hugging Face directory> (or recipe.base=<directory>)."]
+            hf.fields_of_dir(path)
+        elif base not in ("embedded", "random") and os.path.isfile(os.path.join(str(base), "config.json")):
+            problem = hf.mismatch_problem(model, base)
+            return [problem] if problem else []
+    except hf.HFConfigError as e:
+        return e.problems
+    return []
 
 
 def _parallel_problems(m, par, world: int) -> list[str]:
@@ -763,6 +804,9 @@ def validate(cfg) -> None:
     First every field against its range (`RANGES`) and the rules across fields; the layout, length
     and input rules assume in-range values, so they only run when those hold."""
     if _schema_of(cfg) is not None:  # a composed config (the planner's search passes SimpleNamespaces)
+        problems = _hf_problems(cfg)  # first: reading model=hf's fields would raise
+        if problems:
+            raise ConfigError(problems)
         problems = range_problems(cfg)
         if not problems:
             problems = _cross_problems(cfg)
