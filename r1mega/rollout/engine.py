@@ -77,17 +77,3 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def shutdown(self) -> None: ...
-
-
-def logprob_consistency(engine_logprobs: Sequence[Sequence[float]], trainer_logprobs: Sequence[Sequence[float]]) -> dict:
-    """Mean and max |logp_engine − logp_trainer| over all sampled tokens (pairs of equal-length rows)."""
-    diffs = []
-    for e, t in zip(engine_logprobs, trainer_logprobs, strict=True):
-        e, t = torch.as_tensor(e, dtype=torch.float64), torch.as_tensor(t, dtype=torch.float64)
-        if e.shape != t.shape:
-            raise ValueError(f"logprob rows differ in length: {tuple(e.shape)} vs {tuple(t.shape)}")
-        diffs.append((e - t).abs())
-    d = torch.cat(diffs) if diffs else torch.zeros(0, dtype=torch.float64)
-    if d.numel() == 0:
-        return {"logprob_diff_mean": 0.0, "logprob_diff_max": 0.0, "num_tokens": 0}
-    return {"logprob_diff_mean": d.mean().item(), "logprob_diff_max": d.max().item(), "num_tokens": d.numel()}
