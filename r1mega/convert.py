@@ -159,9 +159,9 @@ def install(tmp: Path, dst: Path) -> None:
     """Move the finished `tmp` to `dst` (rank 0): fsync, then rename; an existing `dst` is first
     renamed aside and removed after, so a kill leaves the old destination (restored by the next
     run's `clean_leftovers`) or the new one, never a half-written one."""
-    from r1mega.checkpoint.manager import _fsync, _fsync_tree
+    from r1mega.checkpoint.atomic import fsync, fsync_tree
 
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     old = None
     if dst.is_symlink() or dst.is_file():
         dst.unlink()
@@ -169,7 +169,7 @@ def install(tmp: Path, dst: Path) -> None:
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.rename(dst, old)
     os.rename(tmp, dst)
-    _fsync(dst.parent)
+    fsync(dst.parent)
     if old is not None:
         shutil.rmtree(old)
 

@@ -15,7 +15,6 @@ Exit status 2 (one line) for a missing record, checkpoint or run directory, or a
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -47,6 +46,7 @@ def replay(run_dir: Path, step: int, overrides: list[str]) -> dict:
     """Replays rollout `step` (1-based) of the run in `run_dir`; returns {metric: [original, replay]}."""
     from omegaconf import OmegaConf
 
+    from r1mega.checkpoint.atomic import write_text
     from r1mega.config import compose
     from r1mega.parallel.state import destroy_distributed, init_distributed, is_rank0, seed_everything
     from r1mega.recipes.base import prepare_base
@@ -80,9 +80,7 @@ def replay(run_dir: Path, step: int, overrides: list[str]) -> dict:
     if is_rank0():
         out = run_dir / "replay" / f"step_{step:06d}.json"
         out.parent.mkdir(exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"step": step, "overrides": overrides, "metrics": result}, indent=1))
-        os.replace(tmp, out)
+        write_text(out, json.dumps({"step": step, "overrides": overrides, "metrics": result}, indent=1))
         _print(step, run_dir, overrides, result, out)
     return result
 

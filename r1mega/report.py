@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import sys
 from pathlib import Path
+
+from r1mega.checkpoint.atomic import write_text
 
 # (title, metric names or name prefixes ending in "/", y-axis title); `time/` stacks as bars.
 CHARTS = [
@@ -156,11 +157,7 @@ def write(run_dir: str | Path, max_steps: int = 20, max_groups: int = 8) -> Path
             f"<h1>{html.escape(name)} — {html.escape(str(run_dir))}</h1><p>{len(rows)} rollouts logged.</p>"
             f'<h2>Curves</h2><div class="charts">{charts}</div><h2>Held-out eval</h2>{_eval_table(run_dir)}'
             f"<h2>Samples</h2>{samples}</body></html>")
-    out = run_dir / "report.html"
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_text(run_dir / "report.html", page)
 
 
 USAGE = """usage: python -m r1mega.report <run_dir> [max_steps=20] [max_groups=8]

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from r1mega.checkpoint.atomic import fsync, fsync_tree
 from r1mega.checkpoint.distributed import load_model_state, model_sharded_state_dict
 from r1mega.parallel.state import barrier, broadcast_object
 
@@ -30,21 +31,6 @@ STATE_FILE = "trainer_state.json"
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            _fsync(Path(dirpath) / f)
-        _fsync(Path(dirpath))
 
 
 def _sharded_state_dict(chunks, optimizer, is_loading: bool) -> dict:
@@ -183,13 +169,13 @@ class CheckpointManager:
             (tmp / STATE_FILE).write_text(json.dumps({**(state or {}), "step": step}))
         barrier()
         if _rank() == 0:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             os.rename(tmp, final)
             pointer = self.root / f"latest.tmp-{os.getpid()}"
             pointer.write_text(str(step))
-            _fsync(pointer)
+            fsync(pointer)
             os.replace(pointer, self.root / "latest")
-            _fsync(self.root)
+            fsync(self.root)
             self._prune()
         barrier()
         return final

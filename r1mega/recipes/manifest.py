@@ -6,9 +6,9 @@ re-enters the interrupted one (which resumes from its own checkpoints)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from r1mega.checkpoint.atomic import write_text
 from r1mega.parallel.state import barrier, is_rank0
 
 
@@ -29,7 +29,5 @@ class Manifest:
         self.stages[stage] = {"status": "done", "outputs": {k: str(v) for k, v in outputs.items()}, "summary": summary}
         if is_rank0():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(self.stages, indent=2))
-            os.replace(tmp, self.path)
+            write_text(self.path, json.dumps(self.stages, indent=2))
         barrier()

@@ -169,10 +169,10 @@ def _run_id(path: Path) -> str:
         return path.read_text().strip()
     import secrets
 
+    from r1mega.checkpoint.atomic import write_text
+
     run_id = secrets.token_hex(6)  # W&B ids: lowercase letters and digits
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(run_id)
-    os.replace(tmp, path)
+    write_text(path, run_id)
     return run_id
 
 

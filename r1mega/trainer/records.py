@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from r1mega.checkpoint.atomic import fsync, temporary
 from r1mega.config.schema import RecordsConfig
 from r1mega.parallel.state import data_parallel, is_rank0
 
@@ -152,13 +153,9 @@ def _write_atomic(table, path: Path) -> Path:
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary(path)
     pq.write_table(table, tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync(tmp)
     os.replace(tmp, path)
     return path
 
