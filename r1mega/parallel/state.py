@@ -118,6 +118,15 @@ def all_gather_object(obj) -> list:
     return gathered
 
 
+def gather_object(obj) -> list:
+    """`[obj of rank 0, obj of rank 1, ...]` on rank 0, `[]` on the others (`[obj]` in a single process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
 def data_parallel() -> tuple[int, int, object]:
     """(this rank's data-parallel rank, DP size, megatron's DP group or None) — (0, 1, None) without
     megatron's parallel state or in a DP group of one."""

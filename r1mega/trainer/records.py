@@ -35,11 +35,10 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from r1mega.checkpoint.atomic import fsync, temporary
 from r1mega.config.schema import RecordsConfig
-from r1mega.parallel.state import data_parallel, is_rank0
+from r1mega.parallel.state import data_parallel, gather_object, is_rank0
 
 
 def path_of(root: str | Path, step: int) -> Path:
@@ -64,7 +63,7 @@ class RolloutRecords:
         Rank 0 writes the file and returns its path; other ranks return None."""
         if not self.due(step):
             return None
-        logp = _gather_to_rank0(_trainer_logprobs(samples, parts, minibatches) if self.trainer_logp else {})
+        logp = gather_object(_trainer_logprobs(samples, parts, minibatches) if self.trainer_logp else {})
         if not is_rank0():
             return None
         table = self._table(step, samples, {k: v for part in logp for k, v in part.items()})
@@ -138,15 +137,6 @@ def _one_trainer() -> bool:
 
     pp = parallel_state.get_pipeline_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
     return data_parallel()[1] == 1 and pp == 1
-
-
-def _gather_to_rank0(obj) -> list:
-    """`[obj of every rank]` on rank 0 (others get []); `[obj]` in a single process."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out or []
 
 
 def _write_atomic(table, path: Path) -> Path:
