@@ -6,10 +6,10 @@ the policy, optimizer and scheduler from the checkpoint at rollout K - 1 (`<run_
 for K = 1), the config from the run (`<run_dir>/.hydra/overrides.yaml`) with the given overrides on
 top. The step then runs as in training from its advantages on (`GRPOTrainer.step`, the rollout
 replaced by the record): advantages from the recorded rewards, packing, reference and old-policy
-log-probs, the updates. Unchanged, it reproduces the original step's metrics (on CPU exactly: loss
-and grad norm equal); with e.g. `algorithm.clip_eps_high=0.28` or `algorithm.std_normalize=false`
+log-probs, the updates. Unchanged, it reproduces the original step's metrics (on CPU with one torch
+thread exactly: loss and grad norm equal); with e.g. `algorithm.clip_eps_high=0.28` or `algorithm.std_normalize=false`
 it shows what that setting would have done to the step. It prints original, replay and difference
-per metric and writes them to `<run_dir>/replay/step_<K>.json`; nothing else in the run changes.
+per metric and writes them to `<run_dir>/replay/step_<KKKKKK>.json` (six digits); nothing else in the run changes.
 Exit status 2 (one line) for a missing record, checkpoint or run directory, or a changed group size.
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ USAGE = """usage: python -m r1mega.replay <run_dir> step=K [hydra overrides]
 
 Re-runs the update of rollout K (1-based) of an R1-Zero run from its rollout record and the
 checkpoint at rollout K-1, without generating; prints original, replay and difference per metric
-and writes them to <run_dir>/replay/step_<K>.json. Overrides change the step (e.g. algorithm.*).
+and writes them to <run_dir>/replay/step_<KKKKKK>.json. Overrides change the step (e.g. algorithm.*).
 
 example: python -m r1mega.replay runs/r1_zero/tiny_moe step=12 algorithm.clip_eps_high=0.28
 exit status: 0 done; 2 bad arguments, or no record / checkpoint / metrics row for K"""
