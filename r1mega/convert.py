@@ -4,7 +4,8 @@
     python -m r1mega.convert megatron_to_hf SRC_MEGATRON_DIR DST_HF_DIR [overrides] [--force]
 
 Runs in one process or under torchrun (any parallel= layout): each rank reads only the tensors of its
-own shard; export gathers tensor by tensor and rank 0 writes. Prints one summary line.
+own shard; export streams tensor by tensor to rank 0, which writes (`export_stream`: per rank at most
+one HF tensor plus half a bucket of `rollout.sync_bucket_mb` MB in flight). Prints one summary line.
 
 Before any model is built it checks the source (a directory with the checkpoint's files), that the
 `model=` preset matches the source's config.json (HF: `SRC/config.json`; megatron: the
@@ -25,6 +26,10 @@ from contextlib import contextmanager, nullcontext
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 # torch / megatron are imported where used, so that `--help` and argument errors answer at once.
 HF_ASSETS = "hf_assets"  # tokenizer / generation config kept beside the megatron checkpoint
@@ -142,13 +147,13 @@ def clean_leftovers(dst: Path) -> None:
     tmps, olds = _staging_dirs(dst, "tmp"), _staging_dirs(dst, "old")
     if not tmps and not olds:
         return
-    from r1mega.checkpoint.manager import _pid_alive
+    from r1mega.checkpoint.manager import pid_alive
 
     for p, pid in tmps:
-        if pid == os.getpid() or not _pid_alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
     for p, pid in olds:
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             if not dst.exists() and not dst.is_symlink():
                 os.rename(p, dst)
             else:
@@ -271,13 +276,24 @@ def convert(direction: str, src: str, dst: str, overrides: list[str], force: boo
     return summary
 
 
+def export_stream(chunks, cfg) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """`hf_mapping.iter_hf_tensors` of this rank's `chunks` towards the writer, global rank 0 (the
+    other ranks yield None and must consume the stream too). Bounded by the bucket
+    `rollout.sync_bucket_mb` (MB, 2**20 bytes): each rank holds at most one HF tensor plus a transfer
+    buffer of half the bucket (the other half is slack for the transport), so a consumer that drops
+    each tensor peaks at ≤ bucket + largest HF tensor (tests/test_checkpoint_hf.py)."""
+    from r1mega.checkpoint.hf_mapping import iter_hf_tensors
+
+    return iter_hf_tensors(chunks, cfg.model, dst=0, buffer_bytes=int(cfg.rollout.sync_bucket_mb * 2**20) // 2)
+
+
 def _convert(direction: str, src: Path, dst: Path, cfg, rank0: bool) -> dict:
     """Read `src`, write `dst` (the staging directory); the summary, with its line under `_line`."""
     from rich.progress import Progress
 
     from r1mega.checkpoint import hf_io
     from r1mega.checkpoint.distributed import load_model, save_model
-    from r1mega.checkpoint.hf_mapping import export_plan, hf_config, iter_hf_tensors, load_hf_tensors
+    from r1mega.checkpoint.hf_mapping import export_plan, hf_config, load_hf_tensors
     from r1mega.models.build import DTYPES, build_model
 
     memory = ImportMemory() if direction == "hf_to_megatron" else None
@@ -313,7 +329,7 @@ def _convert(direction: str, src: Path, dst: Path, cfg, rank0: bool) -> dict:
                         shutil.copyfile(Path(src) / f, assets / f)
         else:
             load_model(chunks, src)
-            stream = iter_hf_tensors(chunks, cfg.model, dst=0)  # only the writer receives the model
+            stream = export_stream(chunks, cfg)
             if rank0:
                 for _, size in hf_io.write_hf(dst, stream, hf_config(cfg.model), src_dir=Path(src) / HF_ASSETS):
                     tensors, nbytes = tensors + 1, nbytes + size
@@ -368,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1mega.convert: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from r1mega.__main__ import _one_line
+        from r1mega.config import one_line
         from r1mega.config import ConfigError
 
         if isinstance(e, ConfigError):
@@ -377,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
             raise
-        print(f"r1mega.convert: invalid config: {_one_line(e)}", file=sys.stderr)  # bad override, unknown preset
+        print(f"r1mega.convert: invalid config: {one_line(e)}", file=sys.stderr)  # bad override, unknown preset
         return 2
     return 0
 

@@ -227,6 +227,39 @@ def test_import_peak_memory_within_largest_shard_plus_own_params(tmp_path):
             assert growth <= shard + own, f"{layout}: import peak {growth / mib:.0f} MiB > {(shard + own) / mib:.0f} MiB"
 
 
+def _export_stream_peak(overrides: list[str]) -> dict:
+    """Peak extra memory of convert's export stream (`export_stream`) on this rank, consumed by a
+    writer that drops each tensor at once; with the bucket and the largest HF tensor."""
+    from collections import deque
+
+    from r1mega.checkpoint.hf_mapping import export_plan
+    from r1mega.config import compose
+    from r1mega.convert import export_stream
+    from r1mega.models.build import build_model
+    from r1mega.parallel.state import init_distributed
+    from r1mega.rollout.sync import peak_extra_bytes
+
+    cfg = compose(overrides)
+    init_distributed(cfg.parallel, cfg.platform)
+    chunks = [build_model(cfg.model, cfg.parallel, cfg.platform)]
+    largest = max(torch.Size(e.shape).numel() * e.dtype.itemsize for e in export_plan(cfg.model, cfg.parallel))
+    with torch.no_grad():
+        peak = peak_extra_bytes(lambda: deque(export_stream(chunks, cfg), maxlen=0))
+    return dict(peak=peak, bucket=cfg.rollout.sync_bucket_mb * 2**20, largest=largest)
+
+
+def test_export_stream_memory_within_bucket_plus_largest():
+    """convert's export at TP2 (rank 0 writes; both ranks assemble TP-split tensors) with a 1 MB
+    bucket below the 4 MiB largest tensor (the embedding): on every rank the stream's peak extra
+    memory (torch CPU allocator, all threads) stays ≤ bucket + largest tensor."""
+    overrides = ["model=tiny_dense", "model.vocab_size=4096", "model.num_layers=1", "parallel=tp2", "rollout.sync_bucket_mb=1"]
+    for rank, r in enumerate(run_distributed(_export_stream_peak, 2, overrides)):
+        print(f"rank {rank}: peak {r['peak']} B, bucket {r['bucket']} B + largest {r['largest']} B")
+        assert r["bucket"] < r["largest"]
+        assert r["largest"] <= r["peak"], f"rank {rank}: the measurement misses the assembled tensors"
+        assert r["peak"] <= r["bucket"] + r["largest"], f"rank {rank}: export peak {r['peak']} B > bucket + largest"
+
+
 def test_reader_reads_tp_slices_from_disk(tmp_path):
     from safetensors.torch import save_file
 

@@ -2,21 +2,32 @@
 
 Public API (used by the checkpoint converter and by the rollout weight sync):
 
-    export_plan(model_cfg, parallel_cfg) -> list[PlanEntry]
+    export_plan(model_cfg, parallel_cfg, dtype=None, mtp=True) -> list[PlanEntry]
         Every HF tensor of the model, in the fixed order `iter_hf_tensors` yields them:
         PlanEntry(hf_name, shape, dtype, pp_stage, ep_rank). `pp_stage` is the pipeline stage holding
         it, `ep_rank` the expert-parallel rank holding it (None for non-expert tensors, which every
-        EP rank holds). Pure: no communication, no model needed; the same on every rank.
+        EP rank holds), `dtype` the one `iter_hf_tensors(..., dtype=dtype)` yields. `mtp=False` leaves
+        out the multi-token-prediction layers. Pure: no communication, no model needed; the same on
+        every rank.
 
-    iter_hf_tensors(chunks, model_cfg, dst=None) -> Iterator[tuple[str, torch.Tensor | None]]
-        Collective over the whole world: every rank must call it and consume it to the end.
-        Yields (hf_name, full tensor) for the whole model in `export_plan` order, on every rank:
-        TP shards gathered with fused layouts undone (QKV per query group, [gate; up]), experts
-        gathered across EP, layers broadcast from their PP stage. `chunks` is this rank's list of
-        model chunks (DDP-wrapped or not). Tensors are in the model's params dtype, on CPU.
-        `dst=r` (export writer, an engine-holding rank): only global rank r gets the tensors; a
-        tensor r does not hold is sent to it by one holder instead of broadcast to the world, and
-        every other rank yields (hf_name, None) (TP groups holding a tensor still gather it).
+    iter_hf_tensors(chunks, model_cfg, dst=None, dtype=None, mtp=True, buffer_bytes=BUFFER_BYTES)
+            -> Iterator[tuple[str, torch.Tensor | None]]
+        The export stream (checkpoint export and rollout weight sync). Collective over the whole
+        world: every rank must call it with the same arguments and consume it to the end.
+        Yields (hf_name, full tensor) for the whole model in `export_plan` order: TP shards gathered
+        with fused layouts undone (QKV per query group, [gate; up]), experts gathered across EP,
+        layers broadcast from their PP stage. `chunks` is this rank's list of model chunks
+        (DDP-wrapped or not). Tensors are on the model's device, in `dtype` (default: the params
+        dtype), except tensors megatron keeps in fp32 (router expert bias), which stay fp32; a tensor
+        that needs no communication nor cast is a view of the parameter (copy it to keep it).
+        `dst=None`: every rank gets every tensor. `dst=r` (export writer): only global rank r gets
+        the tensors, every other rank yields (hf_name, None); a tensor r holds is assembled by r's
+        TP group only, one r lacks by the first holder's TP group and sent to r.
+        Memory: the stream holds one HF tensor and one communication buffer of at most
+        `buffer_bytes` (bytes) at a time, so a consumer that keeps at most B bytes of what it received
+        peaks at ≤ B + largest HF tensor + buffer_bytes. Each HF tensor is allocated once and every TP
+        rank's block is broadcast straight into it (no all_gather of whole fused megatron tensors,
+        which took 3-6x the largest tensor).
 
     load_hf_tensors(chunks, model_cfg, read) -> int
         Fill this rank's parameters (and the router expert bias) from HF tensors; `read(hf_name)`
@@ -36,6 +47,8 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
+
+BUFFER_BYTES = 16 << 20  # default communication buffer of `iter_hf_tensors`, bytes
 
 
 class PlanEntry(NamedTuple):
@@ -173,8 +186,7 @@ def _layer_rules(m, layer: int) -> tuple[Rule, ...]:
 
 class Layout(NamedTuple):
     to_mcore: Callable  # (HF tensors, model cfg) -> full megatron tensor
-    to_hf: Callable  # (full megatron tensor, model cfg) -> HF tensors
-    tp_parts: int = 1  # blocks that are TP-split separately ([gate; up] -> [gate_r; up_r])
+    to_hf: Callable  # (megatron tensor, model cfg) -> views of its HF parts, shaped as `_hf_block` cuts them
 
 
 def _qkv_to_mcore(parts, m):
@@ -185,32 +197,18 @@ def _qkv_to_mcore(parts, m):
 
 
 def _qkv_to_hf(t, m):
+    # Views [groups, rows of the part per group, ...]: a TP shard holds whole groups.
     groups = m.num_query_groups or m.num_attention_heads
     head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-    q, k, v = t.reshape(groups, -1, *t.shape[1:]).split([t.shape[0] // groups - 2 * head_dim, head_dim, head_dim], 1)
-    return [x.reshape(-1, *t.shape[1:]) for x in (q, k, v)]
+    per_group = t.reshape(groups, -1, *t.shape[1:])
+    return list(per_group.split([per_group.shape[1] - 2 * head_dim, head_dim, head_dim], 1))
 
 
 LAYOUTS = {
     "plain": Layout(lambda p, m: p[0], lambda t, m: [t]),
-    "gate_up": Layout(lambda p, m: torch.cat(p), lambda t, m: list(t.chunk(2)), tp_parts=2),
+    "gate_up": Layout(lambda p, m: torch.cat(p), lambda t, m: list(t.chunk(2))),  # each half TP-split separately
     "qkv": Layout(_qkv_to_mcore, _qkv_to_hf),
 }
-
-
-def _shard(full: torch.Tensor, rule: Rule, rank: int, size: int) -> torch.Tensor:
-    if rule.tp is None or size == 1:
-        return full
-    parts = full.chunk(LAYOUTS[rule.layout].tp_parts, rule.tp)
-    return torch.cat([p.chunk(size, rule.tp)[rank] for p in parts], rule.tp)
-
-
-def _unshard(shards: list[torch.Tensor], rule: Rule) -> torch.Tensor:
-    if rule.tp is None or len(shards) == 1:
-        return shards[0]
-    n = LAYOUTS[rule.layout].tp_parts
-    split = [s.chunk(n, rule.tp) for s in shards]
-    return torch.cat([torch.cat([s[i] for s in split], rule.tp) for i in range(n)], rule.tp)
 
 
 # ---- Items: one megatron tensor each -----------------------------------------------------------
@@ -233,14 +231,15 @@ class Item(NamedTuple):
         shapes = self.hf_shapes(m)  # fused parts concatenate along dim 0
         return (sum(s[0] for s in shapes), *shapes[0][1:])
 
-    def dtype(self, m) -> torch.dtype:
+    def dtype(self, m, cast: torch.dtype | None = None) -> torch.dtype:
+        """The exported dtype: `cast` (default the params dtype), fp32 for tensors kept in fp32."""
         from r1mega.models.build import DTYPES
 
-        return torch.float32 if self.rule.fp32 else DTYPES[m.params_dtype]
+        return torch.float32 if self.rule.fp32 else cast or DTYPES[m.params_dtype]
 
 
-def _items(m) -> Iterator[Item]:
-    """Every exported megatron tensor, in HF order."""
+def _items(m, mtp: bool = True) -> Iterator[Item]:
+    """Every exported megatron tensor, in HF order (without the MTP layers unless `mtp`)."""
     for rule in TOP_FIRST:
         yield Item(rule, None, None)
     for layer in range(m.num_layers):
@@ -251,7 +250,7 @@ def _items(m) -> Iterator[Item]:
         yield Item(rule, None, None)
     if m.untie_embeddings_and_output_weights:
         yield Item(UNTIED_OUTPUT, None, None)
-    for layer in range(m.num_layers, m.num_layers + (m.mtp_num_layers or 0)):
+    for layer in range(m.num_layers, m.num_layers + (m.mtp_num_layers or 0) if mtp else m.num_layers):
         yield Item(MTP_SHARED[0], layer, None)
         for rule in MTP[:3] + _layer_rules(m, layer) + MTP[3:] + MTP_SHARED[1:]:
             for e in range(m.num_experts) if "{e}" in rule.mcore else [None]:
@@ -310,16 +309,16 @@ def _owner(item: Item, stages: list[int], config) -> tuple[int, int | None]:
     return stages[item.layer], ep
 
 
-def export_plan(model_cfg, parallel_cfg) -> list[PlanEntry]:
+def export_plan(model_cfg, parallel_cfg, dtype: torch.dtype | None = None, mtp: bool = True) -> list[PlanEntry]:
     from r1mega.models.build import transformer_config
 
     config = transformer_config(model_cfg, parallel_cfg, SimpleNamespace(device="cpu", deterministic=False))
     stages = _layer_stages(config)
     plan = []
-    for item in _items(model_cfg):
+    for item in _items(model_cfg, mtp):
         stage, ep = _owner(item, stages, config)
         for name, shape in zip(item.hf_names(), item.hf_shapes(model_cfg)):
-            plan.append(PlanEntry(name, shape, item.dtype(model_cfg), stage, ep))
+            plan.append(PlanEntry(name, shape, item.dtype(model_cfg, dtype), stage, ep))
     return plan
 
 
@@ -371,8 +370,9 @@ def _tp(item: Item):
 
 
 def _tp_shard_model(m, size: int) -> SimpleNamespace:
-    """What a fused layout needs to know of one TP shard (qkv: its query groups)."""
-    return SimpleNamespace(num_query_groups=(m.num_query_groups or m.num_attention_heads) // size)
+    """What a fused layout needs to know of one TP shard (qkv: its query groups, their head size)."""
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    return SimpleNamespace(num_query_groups=(m.num_query_groups or m.num_attention_heads) // size, kv_channels=head_dim)
 
 
 def load_hf_tensors(chunks, model_cfg, read: Callable[[str], torch.Tensor]) -> int:
@@ -399,51 +399,117 @@ def load_hf_tensors(chunks, model_cfg, read: Callable[[str], torch.Tensor]) -> i
     return n
 
 
-def iter_hf_tensors(chunks, model_cfg, dst: int | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+def iter_hf_tensors(
+    chunks, model_cfg, dst: int | None = None, dtype: torch.dtype | None = None, mtp: bool = True,
+    buffer_bytes: int = BUFFER_BYTES,
+) -> Iterator[tuple[str, torch.Tensor | None]]:
     from megatron.core import parallel_state as ps
 
     m = model_cfg
-    config = getattr(chunks[0], "module", chunks[0]).config
+    module = getattr(chunks[0], "module", chunks[0])
+    config = module.config
     local = _local_tensors(chunks, m)
     stages = _layer_stages(config)
+    device = next(module.parameters()).device
     world = dist.get_world_size() if dist.is_initialized() else 1
     me_rank = dist.get_rank() if dist.is_initialized() else 0
-    # Global rank of the first holder of each (pp stage, ep rank): the broadcast / send source.
+    # (pp stage, ep rank) of every global rank: who holds each tensor.
     me = (ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank())
     coords = [me] * world
     if world > 1:
         dist.all_gather_object(coords, me)
-    for item in _items(m):
+    buffer = _Buffer(buffer_bytes, device)
+    for item in _items(m, mtp):
         stage, ep = _owner(item, stages, config)
         holders = [r for r, (p, e) in enumerate(coords) if p == stage and (ep is None or e == ep)]
-        full = None
-        if item in local:
-            shard = local[item].detach()
-            _, size, group = _tp(item)
-            shards = [shard]
-            # With `dst`, only the TP group of `dst` (if it holds the tensor) or else of the sender gathers.
-            gatherer = dst if dst in holders else holders[0]
-            needed = dst is None or size == 1 or gatherer in dist.get_process_group_ranks(group)
-            if item.rule.tp is not None and size > 1 and needed:
-                shards = [torch.empty_like(shard) for _ in range(size)]
-                dist.all_gather(shards, shard.contiguous(), group=group)
-            full = _unshard(shards, item.rule)
-        if dst is None:
-            if len(holders) < world:
-                if full is None:
-                    full = torch.empty(item.mcore_shape(m), dtype=item.dtype(m))
-                full = full.contiguous()
-                dist.broadcast(full, holders[0])
-        elif dst not in holders:  # the first holder sends it to `dst`; nobody else moves it
-            if me_rank == holders[0]:
-                dist.send(full.contiguous(), dst)
-            elif me_rank == dst:
-                full = torch.empty(item.mcore_shape(m), dtype=item.dtype(m))
-                dist.recv(full, holders[0])
-        if dst is not None and me_rank != dst:
-            yield from ((name, None) for name in item.hf_names())
-        else:
-            yield from zip(item.hf_names(), LAYOUTS[item.rule.layout].to_hf(full, m))
+        shard = local.get(item)
+        tp_rank, tp_size, group = _tp(item) if shard is not None else (0, 1, None)
+        if shard is None or item.rule.tp is None or tp_size == 1:  # nothing to gather
+            tp_rank, tp_size, group = 0, 1, None
+        # Who assembles the full tensor: every holder, or with `dst` the TP group of `dst` if it
+        # holds the tensor, else of the first holder (`source`), which then sends it to `dst`.
+        source = dst if dst in holders else holders[0]
+        assembles = shard is not None and (
+            dst is None or (source in dist.get_process_group_ranks(group) if group is not None else me_rank == source))
+        broadcast = dst is None and len(holders) < world  # from the first holder to every rank
+        wanted = dst is None or me_rank == dst
+        for i, (name, shape) in enumerate(zip(item.hf_names(), item.hf_shapes(m))):
+            out_dtype = item.dtype(m, dtype)
+            mine = LAYOUTS[item.rule.layout].to_hf(shard.detach(), _tp_shard_model(m, tp_size))[i] if assembles else None
+            if assembles and tp_size == 1 and mine.is_contiguous() and not broadcast:
+                out = mine.reshape(shape).to(out_dtype)  # a view of the parameter when no cast is needed
+            elif assembles or wanted:
+                out = torch.empty(shape, dtype=out_dtype, device=device)
+                for r in range(tp_size if assembles else 0):
+                    block = _hf_block(out, item, r, tp_size, m)
+                    if r == tp_rank:
+                        block.copy_(mine)
+                    if group is not None:
+                        buffer.broadcast(block, dist.get_global_rank(group, r), group)
+                    del block  # a view: it would keep `out` alive into the next tensor
+            else:
+                out = None
+            del mine
+            if broadcast:
+                buffer.broadcast(out, holders[0], None)
+            elif dst is not None and dst != source and me_rank == source:
+                buffer.send(out, dst)
+            elif dst is not None and dst != source and me_rank == dst:
+                buffer.recv(out, source)
+            yield name, out if wanted else None
+            del out
+
+
+class _Buffer:
+    """The communication buffer of one `iter_hf_tensors` stream, reused by every transfer.
+    Collectives go through it, not into the yielded tensors: a gloo worker thread can drop its
+    reference to a finished collective's tensor after the next tensor is allocated, so a tensor the
+    consumer has released would briefly stay alive. Also what makes non-contiguous blocks
+    (row-parallel splits) communicable."""
+
+    def __init__(self, nbytes: int, device):
+        self.nbytes, self.device, self.buf = max(1, nbytes), device, None
+
+    def _pieces(self, t: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(piece of t, buffer view of its shape): pieces of ≤ nbytes along dim 0 (at least one row)."""
+        flat = t.view(-1) if t.is_contiguous() else t
+        row = flat[0].numel() * flat.element_size() if flat.dim() > 1 else flat.element_size()
+        step = max(1, self.nbytes // row)
+        need = min(step, flat.shape[0]) * row
+        if self.buf is None or self.buf.numel() < need:
+            self.buf = None
+            self.buf = torch.empty(max(need, min(self.nbytes, flat.numel() * flat.element_size())), dtype=torch.uint8, device=self.device)
+        for a in range(0, flat.shape[0], step):
+            piece = flat[a : a + step]
+            yield piece, self.buf[: piece.numel() * piece.element_size()].view(piece.dtype).view(piece.shape)
+
+    def broadcast(self, t: torch.Tensor, src: int, group) -> None:
+        """t ← t on global rank `src`, over `group` (None: the world)."""
+        sending = dist.get_rank() == src
+        for piece, buf in self._pieces(t):
+            if sending:
+                buf.copy_(piece)
+            dist.broadcast(buf, src, group=group)
+            if not sending:
+                piece.copy_(buf)
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        for piece, buf in self._pieces(t):
+            buf.copy_(piece)
+            dist.send(buf, dst)
+
+    def recv(self, t: torch.Tensor, src: int) -> None:
+        for piece, buf in self._pieces(t):
+            dist.recv(buf, src)
+            piece.copy_(buf)
+
+
+def _hf_block(out: torch.Tensor, item: Item, r: int, tp_size: int, m) -> torch.Tensor:
+    """TP rank r's block of the HF tensor `out`, shaped like that rank's `Layout.to_hf` part."""
+    if item.rule.layout == "qkv":
+        groups = m.num_query_groups or m.num_attention_heads
+        return out.reshape(groups, -1, *out.shape[1:]).chunk(tp_size, 0)[r]
+    return out.chunk(tp_size, item.rule.tp or 0)[r]
 
 
 # ---- HF config ----------------------------------------------------------------------------------

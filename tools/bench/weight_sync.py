@@ -83,7 +83,7 @@ def _write_hf_dir(chunks, model_cfg, out: Path, rank: int) -> None:
     from tests.hf_fixtures import EOS_ID, tiny_tokenizer
 
     config = dict(hf_config(model_cfg), bos_token_id=0, eos_token_id=EOS_ID)
-    tensors = iter_hf_tensors(chunks, model_cfg)
+    tensors = iter_hf_tensors(chunks, model_cfg, dst=0)
     if rank == 0:
         for _ in write_hf(out, tensors, config):
             pass
