@@ -71,7 +71,7 @@ def replay(run_dir: Path, step: int, overrides: list[str]) -> dict:
     try:
         policy, ref, _, ref_step = load_models(cfg, prepare_base(cfg), run_dir, step=step - 1)
         trainer = Replay(cfg, policy, ref, None, None, None)
-        trainer.ref_step = ref_step
+        trainer.load_state_dict({"ref_step": ref_step})
         got = trainer.step(step - 1)
     finally:
         destroy_distributed()

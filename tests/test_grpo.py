@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from r1mega.algorithms import GRPOConfig, group_advantages, grpo_loss, overlong_filter, reduce_stats, zero_variance_groups
+from r1mega.algorithms import (GRPOConfig, group_advantages, grpo_loss, loss_normalizer, reduce_stats,
+                               zero_variance_groups)
 from r1mega.config import CONF_DIR
 
 F64 = torch.float64
@@ -47,11 +48,6 @@ def test_zero_variance_group_is_exactly_zero():
     assert zero_variance_groups(REWARDS, 4).tolist() == [False, True]
     with pytest.raises(ValueError):
         group_advantages(r, 2)
-
-
-def test_overlong_filter():
-    mask = torch.ones(2, 3)
-    assert overlong_filter(mask, torch.tensor([False, True])).tolist() == [[1, 1, 1], [0, 0, 0]]
 
 
 # Two outputs (one per group), T = 3. Output 0: A = +1, ratios 1.0, 1.5, 0.5. Output 1: A = -2,
@@ -153,9 +149,19 @@ def test_on_policy_without_kl_is_policy_gradient(loss_agg):
 
 
 def test_overlong_filtered_outputs_do_not_count():
-    # Out 1 filtered: the loss is out 0's alone, -2.78/3 = -0.9266666667 (not halved by an empty output).
-    mask = overlong_filter(MASK, torch.tensor([False, True]))
-    loss, _ = grpo_loss(OLD + RATIOS.log(), OLD, ADV, mask, GRPOConfig(**ASYM))
+    # The GRPO step's fields (prompt of 2 tokens, 3 response tokens: prediction positions 1..3). With
+    # algorithm.overlong_filter the truncated output 1 has no loss token, is not in the normaliser, and
+    # the loss is output 0's alone, -2.78/3 = -0.9266666667 (not halved by an empty output).
+    from r1mega.trainer.grpo import Sample
+
+    samples = [Sample(0, [5, 6], [7, 8, 9], [-1.0] * 3, truncated, {}) for truncated in (False, True)]
+    assert [s.fields(overlong_filter=False)["resp_mask"].tolist() for s in samples] == [[0, 1, 1, 1, 0]] * 2
+    mask = torch.stack([s.fields(overlong_filter=True)["resp_mask"][1:4] for s in samples]).double()
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 0]]
+    cfg = GRPOConfig(**ASYM)
+    normalizer = loss_normalizer(mask, cfg.loss_agg)
+    assert normalizer == 1.0
+    loss, _ = grpo_loss(OLD + RATIOS.log(), OLD, ADV, mask, cfg, normalizer=normalizer)
     close(loss, -0.9266666667)
 
 

@@ -137,7 +137,7 @@ RM_SCRIPT = """
 import sys
 from r1mega.checkpoint.manager import CheckpointManager
 from r1mega.config import compose
-from r1mega.models.reward_model import RewardModelEngine, init_from_policy
+from r1mega.trainer.reward_model import RewardModelEngine, init_from_policy
 from r1mega.parallel.state import destroy_distributed, init_distributed
 cfg = compose(["recipe=r1"])
 init_distributed(cfg.parallel, cfg.platform)

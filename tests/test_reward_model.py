@@ -31,7 +31,7 @@ def preference_pairs(n: int, seed: int, vocab: int, min_len: int = 6, max_len: i
 
 
 def _heldout_accuracy(engine, microbatches) -> float:
-    from r1mega.models.reward_model import bradley_terry_loss, summarize
+    from r1mega.trainer.reward_model import bradley_terry_loss, summarize
 
     return summarize(engine.forward_backward(microbatches, bradley_terry_loss, forward_only=True))["accuracy"]
 
@@ -40,7 +40,7 @@ def _train_save_score(root: str) -> dict:
     from r1mega.checkpoint.distributed import save_model
     from r1mega.checkpoint.manager import CheckpointManager
     from r1mega.config import compose
-    from r1mega.models.reward_model import (RewardModelEngine, bradley_terry_loss, init_from_policy,
+    from r1mega.trainer.reward_model import (RewardModelEngine, bradley_terry_loss, init_from_policy,
                                             pair_microbatches, summarize)
     from r1mega.parallel.state import init_distributed
     from r1mega.rewards.reward_model import RewardModelScorer
@@ -133,7 +133,7 @@ TOL = 1e-5
 def _equivalence_run(model: str, parallel: str, root: str) -> dict:
     from r1mega.checkpoint.manager import CheckpointManager
     from r1mega.config import compose
-    from r1mega.models.reward_model import RewardModelEngine, bradley_terry_loss, pair_microbatches, summarize
+    from r1mega.trainer.reward_model import RewardModelEngine, bradley_terry_loss, pair_microbatches, summarize
     from r1mega.parallel.state import init_distributed
     from r1mega.rewards.reward_model import RewardModelScorer
 

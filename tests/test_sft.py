@@ -97,6 +97,58 @@ def _single(model: str, init_dir: str) -> dict:
         total += n
     out["weighted_grads"] = {k: v / total for k, v in weighted.items()}
     out["moved"] = max((p.main_grad.abs().max().item() for _, p in engine.named_parameters()))
+    if model == "tiny_moe":
+        out["colocation"] = _colocation_round_trip(engine, MegatronEngine(cfg, trainable=False))
+    return out
+
+
+def _colocation_round_trip(policy, ref) -> dict:
+    """The GRPO step's offload hooks over one colocation cycle (recorded in order) on a trained policy
+    (grads and optimizer state; the weights stay for the sync), and the reference's weights through
+    `offload` / `onload`: what each held before and after, and where the weights were in between."""
+    from functools import partial
+
+    from r1mega.rollout.colocate import Colocation
+
+    calls: list[str] = []
+
+    class Rollout:  # the engine's side of the protocol
+        def sleep(self, level):
+            calls.append(f"sleep{level}")
+
+        def wake_up(self, tags):
+            calls.append(f"wake_{'+'.join(tags)}")
+
+    class Sync:
+        def sync(self, chunks, engine):
+            calls.append("sync")
+            during["grads_freed"] = all(b.grad_data.untyped_storage().size() == 0 for c in policy.model for b in c.buffers)
+
+    def hook(name, fn):
+        return lambda: (calls.append(name), fn())
+
+    def state(engine):
+        opts = getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]) if engine.optimizer else []
+        return {"weights": [p.detach().clone() for _, p in engine.named_parameters()],
+                "grads": [p.main_grad.detach().clone() for _, p in engine.named_parameters()] if opts else [],
+                "optimizer": [v.clone() for o in opts for st in o.optimizer.state.values() for v in st.values()
+                              if torch.is_tensor(v)]}
+
+    during: dict = {}
+    colocation = Colocation(Rollout(), Sync(), offload=hook("offload", partial(policy.offload, weights=False)),
+                            onload=hook("onload", policy.onload))
+    before = state(policy)
+    colocation.to_training()
+    colocation.to_rollout(policy.model)
+    colocation.to_training()
+    out = {"calls": calls, "during": during, "policy": (before, state(policy))}
+    ptrs = [p.untyped_storage().data_ptr() for _, p in ref.named_parameters()]
+    ref_before = state(ref)
+    ref.offload()
+    during["ref_moved"] = all(p.untyped_storage().data_ptr() != q for (_, p), q in zip(ref.named_parameters(), ptrs))
+    during["ref_host"] = [p.detach().clone() for _, p in ref.named_parameters()]
+    ref.onload()
+    out["ref"] = (ref_before, state(ref))
     return out
 
 
@@ -154,6 +206,20 @@ def test_packed_equals_unpacked(single, model):
     assert r["moved"] > 1e-4  # gradients are not trivially zero
     _close_grads(r["packed_grads"], r["unpacked_grads"], f"{model} packed vs unpacked")
     _close_grads(r["packed_grads"], r["weighted_grads"], f"{model} packed vs token-weighted per-sequence")
+
+
+def test_offload_hooks_run_in_colocation_order_and_round_trip_state(single):
+    r = single["tiny_moe"]["colocation"]
+    assert r["calls"] == ["sleep1", "onload", "offload", "wake_weights", "sync", "wake_kv_cache", "sleep1", "onload"]
+    assert r["during"]["grads_freed"] and r["during"]["ref_moved"]  # the ref's weights were in host copies
+    before, after = r["policy"]
+    assert len(before["optimizer"]) > 0 and any(g.abs().max() > 0 for g in before["grads"])
+    assert all(torch.equal(a, b) for a, b in zip(before["weights"], after["weights"], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before["optimizer"], after["optimizer"], strict=True))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in after["grads"])  # gradients come back zeroed
+    before, after = r["ref"]
+    for a, host, b in zip(before["weights"], r["during"]["ref_host"], after["weights"], strict=True):
+        assert torch.equal(a, host) and torch.equal(a, b)
 
 
 def test_ep2_data_parallel_matches_one_process(single):

@@ -36,9 +36,3 @@ def group_advantages(
         adv = adv / (r.std(1, keepdim=True) + eps)
     adv = torch.where(zero_variance_groups(rewards, group_size)[:, None], 0.0, adv)
     return adv.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
-
-
-def overlong_filter(response_mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
-    """Overlong filtering (DAPO): outputs cut at the length limit (`truncated`, `[B]` bool) get zero
-    loss weight, so a truncation is not punished as if the answer were wrong."""
-    return response_mask * ~truncated[:, None]

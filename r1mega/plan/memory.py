@@ -184,7 +184,7 @@ def train_memory(m, f: Facts, lay, c, cl) -> dict:
         row["total_gb"] = sum(row[k] for k in ("weights_gb", "grads_gb", "optimizer_gb", "fp8_copies_gb",
                                                "activations_gb", "ref_model_gb", "reserved_gb"))
         # While vLLM runs: the training states on the GPU. The offload (r1mega: MegatronEngine.
-        # offload_train_state) moves gradients and optimizer state to host memory; the weights (the
+        # offload(weights=False)) moves gradients and optimizer state to host memory; the weights (the
         # weight sync reads them) and a reference kept on the GPU stay.
         offloaded = row["grads_gb"] + row["optimizer_gb"] if (c.rl and c.offload_train_states_in_rollout) else 0.0
         row["states_gb"] = (row["weights_gb"] + row["grads_gb"] + row["optimizer_gb"] + row["fp8_copies_gb"]

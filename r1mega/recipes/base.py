@@ -104,7 +104,7 @@ def _pretrain(cfg, work: Path) -> None:
               f"{p.steps} steps (cached for the next run)")
     try:
         for step, idx in step_batches(len(samples), sft):
-            log.log(step + 1, sft_step(engine, [samples[i] for i in idx], p.max_tokens, thd=cfg.platform.transformer_engine))
+            log.log(step + 1, sft_step(engine, [samples[i] for i in idx], p.max_tokens))
             # Minutes of work at most, so no checkpoint: an interrupted pretraining starts over (a
             # finished one is saved; the recipe stops at its own first safe point).
             if step + 1 < p.steps:

@@ -56,12 +56,12 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
         if is_rank0():
             print(f"r1mega: resuming from checkpoint at rollout {start} ({ckpt.root})", file=sys.stderr, flush=True)
 
-    engine = _engine(cfg, tok, run_dir, launch)
+    engine = rollout_engine(cfg, tok, run_dir, launch)
     log = None
     try:
         records = _records(cfg, run_dir, tok)
         trainer = GRPOTrainer(cfg, policy, ref, engine, tok, prompts, reward_model=reward_model, records=records)
-        trainer.ref_step = ref_step
+        trainer.load_state_dict({"ref_step": ref_step})
         trainer.colocation.weight_sync.sync(policy.model, engine)  # the engine starts from dummy weights
         interrupt.stop_point()
 
@@ -80,11 +80,12 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
             log.log(step + 1, metrics)
             stop = interrupt.should_stop()  # every rank agrees: a stop signal on any rank ends the run here
             if stop or (step + 1) % r.save_every == 0 or step + 1 == r.rollouts:
-                if trainer.ref_step > ref_step:
-                    ref_step = trainer.ref_step
+                state = trainer.state_dict()
+                if state["ref_step"] > ref_step:
+                    ref_step = state["ref_step"]
                     ref_ckpt.save(ref_step, ref.model)
                 ckpt.save(step + 1, policy.model, policy.optimizer,
-                          state={"ref_step": ref_step, "scheduler": policy.scheduler.state_dict()})
+                          state={**state, "scheduler": policy.scheduler.state_dict()})
                 interrupt.checkpointed(f"rollout {step + 1}", ckpt.root)
             if stop:
                 raise interrupt.Interrupted(stop)
@@ -147,7 +148,7 @@ def _records(cfg, run_dir: Path, tok):
                           trainer_logp=cfg.algorithm.old_logp_source == "trainer")
 
 
-def _engine(cfg, tok, run_dir: Path, launch):
+def rollout_engine(cfg, tok, run_dir: Path, launch):
     """vLLM serving `model` from a directory with its config and tokenizer (weights come by sync).
     CPU: one engine on rank 0; GPU: every rank holds its shard (SPMD, external_launcher)."""
     from r1mega.checkpoint.hf_mapping import hf_config

@@ -1,10 +1,10 @@
 """Reward-model scores as a reward term: `RewardModelScorer(cfg, checkpoint).score(sequences)`.
 
-The scorer is a frozen `RewardModelEngine` (`r1mega.models.reward_model`) loaded through
+The scorer is a frozen `RewardModelEngine` (`r1mega.trainer.reward_model`) loaded through
 `CheckpointManager` (any saved layout; megatron reshards on load). `score` packs the token
-sequences (`r1mega.data.packing`: per-sequence attention boundaries, so a packed score equals the
-sequence scored alone), runs megatron's forward-only schedule and reads the value at each sequence's
-last token.
+sequences for the engine's layout (`MegatronEngine.pack`: per-sequence attention boundaries, so a
+packed score equals the sequence scored alone), runs megatron's forward-only schedule
+(`MegatronEngine.infer`) and reads the value at each sequence's last token.
 
 It is collective, like the reference model: every rank of the model-parallel layout calls `score`
 with the same sequences, and every rank gets the same list back (the last pipeline stage's values are
@@ -18,8 +18,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from r1mega.data.packing import pack, unpack
-from r1mega.models.reward_model import RewardModelEngine
+from r1mega.data.packing import unpack
+from r1mega.trainer.reward_model import RewardModelEngine
 
 NAME = "reward_model"  # the reward term's name in Sample.scores (logged as reward/reward_model)
 
@@ -43,20 +43,20 @@ class RewardModelScorer:
     def __init__(self, cfg, checkpoint: str | Path | None = None, step: Optional[int] = None,
                  max_tokens: int = 4096, weight: float = 1.0, sources: Optional[Iterable[str]] = None,
                  engine: Optional[RewardModelEngine] = None):
-        from r1mega.checkpoint.manager import CheckpointManager, _rng_state, _set_rng_state
+        from r1mega.checkpoint.manager import CheckpointManager, rng_state, set_rng_state
 
         self.cfg, self.max_tokens, self.weight = cfg, max_tokens, weight
         self.sources = None if sources is None else set(sources)
         self.step = None
         # Building draws initial weights and loading restores the saver's RNG: keep the caller's.
-        rng = _rng_state()
+        rng = rng_state()
         try:
             self.engine = engine if engine is not None else RewardModelEngine(cfg, trainable=False)
             if checkpoint is not None:
                 root, step = _resolve(checkpoint, step)
                 self.step = CheckpointManager(root).load(self.engine.model, None, step=step)["step"]
         finally:
-            _set_rng_state(rng)
+            set_rng_state(rng)
 
     def applies_to(self, row: dict, source_key: str = "data_source") -> bool:
         return self.sources is None or row.get(source_key) in self.sources
@@ -68,20 +68,13 @@ class RewardModelScorer:
             return []
         if any(len(s) == 0 for s in sequences):
             raise ValueError("RewardModelScorer.score: empty sequence")
-        par = self.cfg.parallel
-        packed = pack(
-            [{"tokens": torch.as_tensor(list(s), dtype=torch.long)} for s in sequences],
-            self.max_tokens,
-            pad_to_multiple=par.tensor_model_parallel_size if par.sequence_parallel else 1,
-            thd=self.cfg.platform.transformer_engine,
-            min_microbatches=par.pipeline_model_parallel_size,
-        )
+        packed = self.engine.pack([{"tokens": torch.as_tensor(list(s), dtype=torch.long)} for s in sequences],
+                                  self.max_tokens, dp_share=False)
         for mb, place in zip(packed.microbatches, packed.placement):
             mb["placement"] = place
-        outs = self.engine.forward_backward(packed.microbatches, _last_token_loss_fn, forward_only=True)
         values: list[Optional[float]] = [None] * len(sequences)
-        for place, out in zip(packed.placement, outs or []):
-            for (i, _, _), v in zip(place, out["values"].tolist()):
+        for place, last in zip(packed.placement, self.engine.infer(packed.microbatches, _last_token_values)):
+            for (i, _, _), v in zip(place, last.tolist()):
                 values[i] = float(v)
         return _from_last_stage(values)
 
@@ -89,9 +82,9 @@ class RewardModelScorer:
         self.engine = None
 
 
-def _last_token_loss_fn(values: torch.Tensor, batch: dict):
-    last = torch.stack([seg[-1] for seg in unpack(values.float(), batch["placement"])])
-    return values.sum() * 0.0, torch.tensor(1), {"values": last.detach()}
+def _last_token_values(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """[sequences] value at each packed sequence's last token, from the [1, T] per-position values."""
+    return torch.stack([seg[-1] for seg in unpack(values.float(), batch["placement"])]).detach()
 
 
 def _from_last_stage(values: list[Optional[float]]) -> list[float]:

@@ -1,6 +1,6 @@
 """Colocation protocol: the rollout engine and megatron take turns with the same GPU memory.
 
-    rollout → engine.sleep(1) → [reload optimizer] train → offload optimizer/grads
+    rollout → engine.sleep(1) → onload grads/optimizer → train → offload grads/optimizer
             → engine.wake_up(["weights"]) → sync → engine.wake_up(["kv_cache"]) → rollout
 
 Weights wake before the KV cache so the sync has room for its buckets before the cache takes the
@@ -15,16 +15,17 @@ from r1mega.rollout.sync import WeightSync
 
 class Colocation:
     """`engine` is None on ranks without an engine shard (CPU tests: all but rank 0). `offload` and
-    `reload` move the trainer's optimizer state and grads off / back onto the GPU (None: kept)."""
+    `onload` move the trainer's optimizer state and grads off / back onto the GPU (None: kept; the
+    GRPO step passes `MegatronEngine.offload(weights=False)` / `MegatronEngine.onload`)."""
 
     def __init__(
         self,
         engine: RolloutEngine | None,
         sync: WeightSync,
         offload: Callable[[], None] | None = None,
-        reload: Callable[[], None] | None = None,
+        onload: Callable[[], None] | None = None,
     ):
-        self.engine, self.weight_sync, self.offload, self.reload = engine, sync, offload, reload
+        self.engine, self.weight_sync, self.offload, self.onload = engine, sync, offload, onload
         self.phase = "rollout"
 
     def to_training(self) -> None:
@@ -32,8 +33,8 @@ class Colocation:
         self._expect("rollout")
         if self.engine is not None:
             self.engine.sleep(level=1)
-        if self.reload is not None:
-            self.reload()
+        if self.onload is not None:
+            self.onload()
         self.phase = "train"
 
     def to_rollout(self, chunks) -> None:

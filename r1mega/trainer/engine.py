@@ -3,7 +3,7 @@ forward/backward entry point that dispatches to megatron's schedule for the pipe
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -11,6 +11,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from r1mega.data.packing import Packed, pack, pack_dp_share
 from r1mega.models.build import DTYPES, build_model
 from r1mega.parallel.state import data_parallel
 
@@ -85,6 +86,23 @@ class MegatronEngine:
             for c in chunks:
                 c.requires_grad_(False)
         self.model = chunks
+        self._offloaded: list[tuple[torch.Tensor, torch.device]] = []  # weights in host memory, their device
+
+    def pack(self, samples: list[dict], max_tokens: int, group_size: int = 1, dp_share: bool = True) -> Packed:
+        """`samples` (dicts of 1-D per-token tensors) packed into microbatches of at most `max_tokens`
+        tokens for this engine's layout: rows padded to a multiple of the TP size under sequence
+        parallelism, at least as many microbatches as pipeline stages, boundaries as THD
+        `packed_seq_params` on Transformer Engine (else block-causal masks). `dp_share`: this DP rank's
+        share only (`r1mega.data.packing.pack_dp_share`: whole groups of `group_size` samples, balanced
+        by tokens; the training passes); False: all of them on every rank (a collective scorer).
+        Raises ValueError as `r1mega.data.packing.pack` does."""
+        par = self.cfg.parallel
+        layout = dict(pad_to_multiple=par.tensor_model_parallel_size if par.sequence_parallel else 1,
+                      thd=self.cfg.platform.transformer_engine, min_microbatches=par.pipeline_model_parallel_size)
+        if not dp_share:
+            return pack(samples, max_tokens, **layout)
+        dp_rank, dp, _ = data_parallel()
+        return pack_dp_share(samples, max_tokens, dp_rank, dp, group_size=group_size, **layout)
 
     def forward_backward(
         self,
@@ -124,36 +142,46 @@ class MegatronEngine:
             extra = {}
             if mtp:  # PolicyGPTModel: MTP loss injected, main logits returned
                 labels, extra = batch["target"], {"mtp_loss_mask": _mtp_loss_mask(batch, mtp_mask_key, depth)}
-            output = model(
-                batch["tokens"],
-                batch["position_ids"],
-                batch.get("attention_mask"),
-                labels=labels,
-                packed_seq_params=batch.get("packed_seq_params"),
-                **extra,
-            )
+            output = _model_forward(model, batch, labels=labels, **extra)
             wrapper = partial(_loss_wrapper, loss_fn, batch)
             stats = getattr(getattr(model, "module", model), "mtp_stats", None) if mtp else None
             return output, (partial(_with_metrics, wrapper, stats) if stats else wrapper)
 
+        try:
+            return self._schedule(microbatches, forward_step, forward_only)
+        finally:
+            if mtp:
+                self.config.mtp_loss_scaling_factor = scaling_factor
+
+    def infer(self, microbatches: list[dict], fn: Callable[[torch.Tensor, dict], Any]) -> list:
+        """Forward-only passes (eval mode, no loss, no backward) over `microbatches` (as
+        `forward_backward` takes them): `fn(output, batch)` per microbatch, in order, on the last
+        pipeline stage (the model's output there: [b, s, vocab / TP] logits, or the reward model's
+        [b, s] values); [] on other stages. megatron's `collect_non_loss_data` mode."""
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            return _model_forward(model, batch), partial(_collect, fn, batch)
+
+        return self._schedule(microbatches, forward_step, forward_only=True, collect_non_loss_data=True)
+
+    def _schedule(self, microbatches: list[dict], forward_step, forward_only: bool,
+                  collect_non_loss_data: bool = False):
         mb = microbatches[0]["tokens"]
         vpp = len(self.model)
         data = [iter(microbatches) for _ in range(vpp)] if vpp > 1 else iter(microbatches)
         for c in self.model:
             c.train(not forward_only)
-        try:
-            return get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=data,
-                model=self.model if vpp > 1 else self.model[0],
-                num_microbatches=len(microbatches),
-                seq_length=mb.shape[1],
-                micro_batch_size=mb.shape[0],
-                forward_only=forward_only,
-            )
-        finally:
-            if mtp:
-                self.config.mtp_loss_scaling_factor = scaling_factor
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data,
+            model=self.model if vpp > 1 else self.model[0],
+            num_microbatches=len(microbatches),
+            seq_length=mb.shape[1],
+            micro_batch_size=mb.shape[0],
+            forward_only=forward_only,
+            collect_non_loss_data=collect_non_loss_data,
+        )
 
     def train_step(self, microbatches: list[dict], loss_fn: LossFn, with_labels: bool = False,
                    mtp_loss_coef: float = 0.0, mtp_mask_key: str = "loss_mask") -> dict:
@@ -175,30 +203,84 @@ class MegatronEngine:
         self.scheduler.step(1)
         return {"metrics": metrics, "grad_norm": grad_norm, "update_successful": ok, "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def offload_train_state(self) -> None:
-        """While a colocated rollout engine runs: free the gradient buffers and, on GPU, move the
+    def offload(self, weights: bool = True) -> None:
+        """Frees the memory this engine holds on its device until `onload`: gradient buffers freed,
         optimizer state to host memory (megatron-core's RL offload APIs,
-        `DistributedDataParallel.offload_grad_buffers`, `MegatronOptimizer.offload_to_cpu`). The
-        weights stay: the weight sync reads them. `reload_train_state` undoes it (gradients zeroed)."""
+        `DistributedDataParallel.offload_grad_buffers`, `MegatronOptimizer.offload_to_cpu`; CPU: the
+        state is in host memory already) and, with `weights`, every parameter and buffer moved into a
+        host copy of its storage (`to_host`: pinned on GPU; tensors sharing a storage stay views of
+        one copy), usable there as `module.to("cpu")` leaves them. A colocated policy keeps its
+        weights (`weights=False`): the weight sync reads them. Raises ValueError for the weights of a
+        trainable engine with the distributed optimizer (its parameters are views of megatron's
+        parameter buffer). A second call moves nothing more."""
         cuda = self.cfg.platform.device == "cuda"
-        for c in self.model:
-            c.offload_grad_buffers(synchronize=cuda, empty_cache=cuda)
-        if cuda:  # CPU: the optimizer state is in host memory already
-            self.optimizer.offload_to_cpu()
+        if weights and self.optimizer is not None and self.cfg.parallel.use_distributed_optimizer:
+            raise ValueError("MegatronEngine.offload: weights=True needs use_distributed_optimizer=false "
+                             "(the distributed optimizer's parameters are views of its parameter buffer)")
+        if self.optimizer is not None:
+            for c in self.model:
+                c.offload_grad_buffers(synchronize=cuda, empty_cache=cuda)
+            if cuda:
+                self.optimizer.offload_to_cpu()
+        if weights and not self._offloaded:
+            hosts: dict[int, torch.UntypedStorage] = {}
+            for t in self._tensors():
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in hosts:
+                    hosts[storage.data_ptr()] = to_host(storage, pin=cuda)
+                self._offloaded.append((t, t.device))
+                t.data = _view(hosts[storage.data_ptr()], t)
+            if cuda:
+                torch.cuda.empty_cache()
 
-    def reload_train_state(self) -> None:
-        """Undo `offload_train_state` before training (a no-op when nothing is offloaded)."""
+    def onload(self) -> None:
+        """Undoes `offload` (gradients come back zeroed); a no-op for what is not offloaded."""
         cuda = self.cfg.platform.device == "cuda"
-        if cuda:
-            self.optimizer.restore_from_cpu()
-        for c in self.model:
-            c.restore_grad_buffers(synchronize=cuda)
+        devices: dict[int, torch.UntypedStorage] = {}
+        for t, device in self._offloaded:
+            host = t.untyped_storage()
+            if host.data_ptr() not in devices:  # a copy on CPU too: the bookkeeping is the GPU's
+                devices[host.data_ptr()] = torch.empty(host.nbytes(), dtype=torch.uint8, device=device).untyped_storage()
+                devices[host.data_ptr()].copy_(host)
+            t.data = _view(devices[host.data_ptr()], t)
+        self._offloaded = []
+        if self.optimizer is not None:
+            if cuda:
+                self.optimizer.restore_from_cpu()
+            for c in self.model:
+                c.restore_grad_buffers(synchronize=cuda)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """The chunks' parameters and buffers, each once."""
+        return list({id(t): t for c in self.model for t in [*c.parameters(), *c.buffers()]}.values())
 
     def named_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter]]:
         for i, c in enumerate(self.model):
             module = c.module if isinstance(c, DistributedDataParallel) else c
             for name, p in module.named_parameters():
                 yield (f"chunk{i}.{name}" if len(self.model) > 1 else name), p
+
+
+def to_host(storage: torch.UntypedStorage, pin: bool) -> torch.UntypedStorage:
+    """A host copy of `storage` (page-locked with `pin`, for fast GPU transfers)."""
+    host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
+    host.copy_(storage)
+    return host
+
+
+def _view(storage: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
+    """`like`'s view (dtype, offset, shape, strides) of another storage of the same size."""
+    return torch.empty(0, dtype=like.dtype, device=storage.device).set_(storage, like.storage_offset(), like.size(),
+                                                                        like.stride())
+
+
+def _model_forward(model, batch: dict, labels=None, **extra):
+    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels,
+                 packed_seq_params=batch.get("packed_seq_params"), **extra)
+
+
+def _collect(fn, batch: dict, output: torch.Tensor, non_loss_data: bool = True):
+    return fn(output, batch)
 
 
 def _loss_wrapper(loss_fn: LossFn, batch: dict, output: torch.Tensor):

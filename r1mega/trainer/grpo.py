@@ -20,6 +20,7 @@ import contextlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ from r1mega.algorithms import (GRPOConfig, group_advantages, grpo_loss, loss_nor
                                 reduce_stats, rollout_correction_stats, rollout_is_weight, vocab_parallel_logprobs,
                                 zero_variance_groups)
 from r1mega.config.steps import max_response_tokens, refreshes_reference
-from r1mega.data.packing import Packed, dp_shares, pack_dp_share, segments_to_padded
+from r1mega.data.packing import Packed, dp_shares, segments_to_padded
 from r1mega.models.moe_load import load_balance, record_expert_load
 from r1mega.models.router_replay import (exchange_routes, local_moe_layers, pack_routes, record_routes, replay_routes,
                                          route_positions, route_shape, router_replay_mode)
@@ -53,6 +54,8 @@ class Sample:
     uid: tuple | None = None  # (attempt, rollout replica, index in the replica's samples)
 
     def fields(self, overlong_filter: bool) -> dict[str, torch.Tensor]:
+        """Per-token [n] fields for packing (prediction coordinates); with `overlong_filter` (DAPO) a
+        truncated output has no loss token, so it counts in neither the loss nor its normaliser."""
         tokens = torch.tensor(self.prompt_ids + self.response_ids, dtype=torch.long)
         n, p = len(tokens), len(self.prompt_ids)
         mask = torch.zeros(n)
@@ -88,22 +91,20 @@ class GRPOTrainer:
         self.records = records  # optional r1mega.trainer.records.RolloutRecords (collective, every rank)
         self.algo: GRPOConfig = OmegaConf.to_object(cfg.algorithm)
         self.reward = RewardManager(cfg.reward, cfg.recipe.template) if engine is not None else None
-        # Colocated rollouts: gradients and optimizer state leave the GPU while the engine runs.
-        offload = getattr(cfg.recipe, "offload_train_state", True)
+        # Colocated rollouts: gradients and optimizer state leave the GPU while the engine runs; the
+        # weights stay (the weight sync reads them).
+        offload = partial(policy.offload, weights=False) if getattr(cfg.recipe, "offload_train_state", True) else None
         self.colocation = Colocation(engine, WeightSync(cfg.model, cfg.parallel, cfg.rollout),
-                                     offload=policy.offload_train_state if offload else None,
-                                     reload=policy.reload_train_state if offload else None)
+                                     offload=offload, onload=policy.onload if offload else None)
         if offload:  # the first rollout comes before any training
-            policy.offload_train_state()
-        self.thd = cfg.platform.transformer_engine
+            offload()
         self.router_replay = router_replay_mode(cfg)  # "none" | "r2" | "r3" (algorithm.router_replay resolved)
         self._held_routes: dict[tuple, torch.Tensor] = {}  # R3: engine routes of the samples this rank generated
         self.ref_step = 0  # the policy step the reference model holds
-        # GPU: the reference lives in host memory except while it runs (`_reference_on_device`)
-        self.offload_ref = ref is not None and cfg.recipe.offload_reference and cfg.platform.device != "cpu"
+        # The reference lives in host memory except while it runs (`_ref_logprobs`).
+        self.offload_ref = ref is not None and cfg.recipe.offload_reference
         if self.offload_ref:
-            for c in ref.model:
-                c.to("cpu")
+            ref.offload()
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self, rollout: int) -> dict:
@@ -132,8 +133,7 @@ class GRPOTrainer:
         # 6. reference and old-policy log-probs (no grad); MoE load from the old-policy pass
         with timer("ref"):
             if algo.kl_coef:
-                with self._reference_on_device():
-                    self._logprobs(self.ref, minibatches, "ref_logp")
+                self._ref_logprobs(minibatches)
         loads = self._old_logprobs(minibatches, timer)
 
         # 7. policy update: ppo_epochs passes, one optimizer step per mini-batch (the MoE load is
@@ -252,13 +252,9 @@ class GRPOTrainer:
     def _pack(self, samples: list[Sample]) -> Packed:
         """This DP rank's share of mini-batch `samples` (whole groups, balanced by tokens), packed;
         every microbatch carries the mini-batch's global loss normaliser."""
-        par = self.cfg.parallel
         fields = [s.fields(self.algo.overlong_filter) for s in samples]
         normalizer = sum(loss_normalizer(f["resp_mask"][None], self.algo.loss_agg) for f in fields)
-        dp_rank, dp, _ = data_parallel()
-        packed = pack_dp_share(fields, self.cfg.recipe.train_max_tokens, dp_rank, dp, group_size=self.algo.group_size,
-                               pad_to_multiple=par.tensor_model_parallel_size if par.sequence_parallel else 1,
-                               thd=self.thd, min_microbatches=par.pipeline_model_parallel_size)
+        packed = self.policy.pack(fields, self.cfg.recipe.train_max_tokens, group_size=self.algo.group_size)
         for mb, place in zip(packed.microbatches, packed.placement):
             # A padding-only microbatch trains as one fully masked row.
             mb["placement"] = place or [(-1, 0, mb["tokens"].shape[1])]
@@ -277,13 +273,21 @@ class GRPOTrainer:
         that compute logits for the loss (last pipeline stage)."""
         temperature = self.cfg.recipe.temperature
 
-        def loss_fn(logits, batch):
-            logp, _ = vocab_parallel_logprobs(logits, batch["target"], temperature)
-            return logits.sum() * 0.0, torch.tensor(0), {"logp": logp.detach()}
+        def logprobs(logits, batch):
+            return vocab_parallel_logprobs(logits, batch["target"], temperature)[0].detach()
 
         for mb in minibatches:
-            for micro, out in zip(mb.microbatches, engine.forward_backward(mb.microbatches, loss_fn, forward_only=True)):
-                micro[key] = out["logp"]
+            for micro, logp in zip(mb.microbatches, engine.infer(mb.microbatches, logprobs)):
+                micro[key] = logp
+
+    def _ref_logprobs(self, minibatches: list[Packed]) -> None:
+        """`ref_logp` of the microbatches (`_logprobs`); with `recipe.offload_reference` the reference
+        comes out of host memory for the pass only."""
+        if self.offload_ref:
+            self.ref.onload()
+        self._logprobs(self.ref, minibatches, "ref_logp")
+        if self.offload_ref:
+            self.ref.offload()
 
     def _old_logprobs(self, minibatches: list[Packed], timer: PhaseTimer) -> dict | None:
         """`old_logp` of the microbatches, pi_old of the PPO ratio (`algorithm.old_logp_source`):
@@ -356,20 +360,17 @@ class GRPOTrainer:
         )
         return loss, torch.tensor(0), {**stats, "loss": loss.detach().clone()}
 
-    @contextmanager
-    def _reference_on_device(self):
-        """With `recipe.offload_reference` the reference lives in host memory except while it runs."""
-        if self.offload_ref:
-            for c in self.ref.model:
-                c.to(self.cfg.platform.device)
-        try:
-            yield
-        finally:
-            if self.offload_ref:
-                for c in self.ref.model:
-                    c.to("cpu")
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the models: `ref_step`, the rollouts done when the reference
+        last took the policy's weights (0: it holds the initial policy)."""
+        return {"ref_step": self.ref_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()` (from a checkpoint's state); KeyError names a missing entry."""
+        self.ref_step = state["ref_step"]
 
     def refresh_reference(self, step: int) -> None:
+        """The reference takes the policy's weights (into its host copy while offloaded)."""
         with torch.no_grad():
             for (_, p), (_, q) in zip(self.policy.named_parameters(), self.ref.named_parameters(), strict=True):
                 q.copy_(p)

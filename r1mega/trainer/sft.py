@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from r1mega.algorithms import vocab_parallel_logprobs
-from r1mega.data.packing import pack_dp_share
 
 
 @dataclass
@@ -103,17 +102,12 @@ def with_schedule(run_cfg, cfg: SFTConfig, num_samples: int):
                                                "lr_decay_style": cfg.lr_decay_style}})
 
 
-def sft_step(engine, samples: list[dict], max_tokens: int, thd: bool = False) -> dict:
-    """One optimizer step over `samples`, packed into microbatches of at most `max_tokens` tokens;
-    returns loss (mean NLL per token over the step), grad norm, lr, packing efficiency and this rank's
-    real tokens. A sample longer than `max_tokens` raises ValueError (`r1mega.data.packing.pack`)."""
-    from r1mega.parallel.state import data_parallel
-
-    par = engine.cfg.parallel
-    dp_rank, dp, _ = data_parallel()
-    packed = pack_dp_share(samples, max_tokens, dp_rank, dp,
-                           pad_to_multiple=par.tensor_model_parallel_size if par.sequence_parallel else 1,
-                           thd=thd, min_microbatches=par.pipeline_model_parallel_size)
+def sft_step(engine, samples: list[dict], max_tokens: int) -> dict:
+    """One optimizer step over `samples`, this DP rank's share packed into microbatches of at most
+    `max_tokens` tokens (`MegatronEngine.pack`); returns loss (mean NLL per token over the step), grad
+    norm, lr, packing efficiency and this rank's real tokens. A sample longer than `max_tokens` raises
+    ValueError (`r1mega.data.packing.pack`)."""
+    packed = engine.pack(samples, max_tokens)
     normalizer = max(sum(float(s["loss_mask"].sum()) for s in samples), 1.0)  # every rank holds all samples
     for mb in packed.microbatches:
         mb["normalizer"] = normalizer
@@ -143,7 +137,7 @@ def mtp_loss(metrics: list[dict]) -> float:
 
 
 def train_sft(engine, samples: list[dict], cfg: SFTConfig, logger=None, start_step: int = 0,
-              on_step: Callable[[int, dict], None] | None = None, thd: bool = False,
+              on_step: Callable[[int, dict], None] | None = None,
               on_stop: Callable[[int], None] | None = None) -> dict:
     """Steps `start_step`..`num_steps` over `samples` (epochs of seeded shuffles, resumable by step).
     Each step's metrics go to `logger.log(step, metrics)` (a MetricsLogger) and `on_step(step, metrics)`
@@ -160,7 +154,7 @@ def train_sft(engine, samples: list[dict], cfg: SFTConfig, logger=None, start_st
     start = time.perf_counter()
     for step, idx in step_batches(len(samples), cfg, start_step):
         t0 = time.perf_counter()
-        m = sft_step(engine, [samples[i] for i in idx], cfg.max_tokens, thd=thd)
+        m = sft_step(engine, [samples[i] for i in idx], cfg.max_tokens)
         dt = time.perf_counter() - t0
         m.update({"epoch": step / per_epoch, "time/step": dt, "throughput/train_tokens_per_s": m["tokens"] / max(dt, 1e-9)})
         first = m["loss"] if first is None else first

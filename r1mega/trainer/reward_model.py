@@ -176,12 +176,12 @@ def init_from_policy(chunks, path) -> None:
     into the reward model's trunk (and its LM head); the value head keeps its initialisation."""
     from megatron.core import dist_checkpointing
 
-    from r1mega.checkpoint.distributed import _keyed_modules, model_sharded_state_dict
+    from r1mega.checkpoint.distributed import keyed_modules, model_sharded_state_dict
 
     sd = model_sharded_state_dict(chunks)
     sd = {k: {n: t for n, t in v.items() if not n.startswith(VALUE_HEAD + ".")} for k, v in sd.items()}
     loaded = dist_checkpointing.load(sd, str(path))
-    for key, module in _keyed_modules(chunks):
+    for key, module in keyed_modules(chunks):
         missing, unexpected = module.load_state_dict(loaded[key], strict=False)
         missing = [n for n in missing if not n.startswith(VALUE_HEAD + ".")]
         if missing or unexpected:
