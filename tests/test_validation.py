@@ -82,13 +82,11 @@ def _schemas():
     """Every schema class reachable from the main config, the eval CLI and the planner."""
     import r1mega.config.recipes as recipes
     import r1mega.config.schema as schema
-    from r1mega.algorithms.correction import RolloutCorrectionConfig
-    from r1mega.algorithms.grpo import GRPOConfig
-    from r1mega.data.rejection import RejectionConfig
+    from r1mega.config.algorithm import GRPOConfig, RolloutCorrectionConfig
+    from r1mega.config.recipes import RejectionConfig
+    from r1mega.config.reward import RewardConfig, SandboxConfig, TermConfig
     from r1mega.eval.config import EvalOptions
     from r1mega.plan.schema import ClusterConfig, PlanConfig
-    from r1mega.rewards.compose import RewardConfig, TermConfig
-    from r1mega.rewards.sandbox import SandboxConfig
 
     mods = [getattr(schema, n) for n in dir(schema)] + [getattr(recipes, n) for n in dir(recipes)]
     out = {c for c in mods if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__.startswith("r1mega")}

@@ -39,26 +39,16 @@ then r = 1, every weight is 1 and none of this changes the loss.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-MODES = ("none", "tis", "mis_token", "mis_sequence", "geo_mis")
+from r1mega.config.algorithm import CORRECTION_MODES, RolloutCorrectionConfig
+
 OLD_LOGP_SOURCES = ("trainer", "engine")
 # exp() of a sequence's summed log-ratio overflows for long sequences; bounds as verl's safety clamp.
 _MAX_LOG_RATIO = 20.0
 LN2 = math.log(2.0)
-
-
-@dataclass
-class RolloutCorrectionConfig:
-    """`algorithm.rollout_correction`: which importance weight corrects the rollout-trainer gap."""
-
-    mode: str = "none"  # one of MODES (module docstring)
-    tis_cap: float = 2.0  # C of `tis`: w = min(r, C) (verl, slime: 2)
-    mis_low: float = 0.5  # the `mis_*` / `geo_mis` modes keep ratios in [mis_low, mis_high]
-    mis_high: float = 2.0
 
 
 def log_ratio(old_logp: torch.Tensor, engine_logp: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -78,8 +68,8 @@ def weights_and_kept(old_logp: torch.Tensor, engine_logp: torch.Tensor, response
     """(`[B, T]` weight w, `[B, T]` bool: response token not dropped) for `cfg.mode`; with `none`,
     w = r (the raw ratio, reported, not applied). Outside the response mask w = 0 and kept = False.
     Float64, detached."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"rollout_correction.mode={cfg.mode!r}; expected one of {MODES}")
+    if cfg.mode not in CORRECTION_MODES:
+        raise ValueError(f"rollout_correction.mode={cfg.mode!r}; expected one of {CORRECTION_MODES}")
     mask = response_mask.to(old_logp.device) > 0
     lr = log_ratio(old_logp, engine_logp, mask)
     lo, hi = math.log(cfg.mis_low), math.log(cfg.mis_high)

@@ -11,8 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from r1mega.config.schema import EvalConfig, PretrainConfig, RecipeConfig
-from r1mega.data.rejection import RejectionConfig
+from r1mega.config.schema import EvalConfig, PretrainConfig, RecipeConfig, RLRunConfig
 
 
 @dataclass
@@ -57,29 +56,43 @@ class RewardModelTermConfig:
 
 
 @dataclass
-class RLStageConfig:
-    """A GRPO stage (`r1mega.recipes.r1_zero.rl_stage`). `algorithm`, `optim`, `reward` are merged
-    onto the run's top-level groups for this stage only. Units as `RLRecipeConfig`: `rollouts`,
-    `save_every`, `eval.every` count rollouts; schedule keys count optimizer steps."""
+class RLStageConfig(RLRunConfig):
+    """A GRPO stage (`r1mega.recipes.r1_zero.rl_stage`): the RL settings of `RLRunConfig` (copied onto
+    the stage's `recipe`, `r1mega.recipes.stages.rl_recipe`) with stage defaults, plus overlays merged
+    onto the run's top-level `algorithm`, `optim`, `reward` for this stage only."""
 
     template: str = "r1"
     rollouts: int = 100  # GRPO iterations, each num_mini_batches x ppo_epochs optimizer steps
     prompts_per_rollout: int = 32  # x group_size outputs per rollout
     max_prompt_tokens: int = 2048
-    max_response_tokens: int = 32768
-    response_length_schedule: Dict[int, int] = field(default_factory=dict)  # optimizer step -> max_response_tokens
-    temperature: float = 1.0
-    top_p: float = 1.0
     train_max_tokens: int = 65536  # tokens per packed training microbatch (>= prompt + longest response)
-    save_every: int = 50  # rollouts between checkpoints
-    keep_last: int = 2
-    wandb: bool = True
-    deterministic: bool = True
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    algorithm: Dict[str, Any] = field(default_factory=dict)
-    optim: Dict[str, Any] = field(default_factory=dict)
-    reward: Dict[str, Any] = field(default_factory=dict)
+    algorithm: Dict[str, Any] = field(default_factory=dict)  # keys of GRPOConfig (r1mega.config.algorithm)
+    optim: Dict[str, Any] = field(default_factory=dict)  # keys of OptimConfig
+    reward: Dict[str, Any] = field(default_factory=dict)  # keys of RewardConfig (r1mega.config.reward)
     reward_model: RewardModelTermConfig = field(default_factory=RewardModelTermConfig)  # all-scenario RL
+
+
+@dataclass
+class RejectionConfig:
+    """k samples per prompt from a checkpoint, and the filters a kept one passes (`r1mega.data.rejection`:
+    the filters in the order they are checked). `recipe.rejection_sft.rejection` of recipe=r1 and
+    `recipe.generate` of recipe=distill."""
+
+    k: int = 4  # samples per prompt
+    m: int = 1  # kept per prompt at most
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    seed: int = 0
+    batch_prompts: int = 256  # prompts per engine call
+    required: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})  # term -> minimum
+    min_total: Optional[float] = None  # minimum weighted reward total, if set
+    drop_truncated: bool = True
+    max_language_mixing: float = 0.1  # share of chain-of-thought words outside the target script
+    language: Optional[str] = None  # a `rewards.language.SCRIPTS` key; None = the prompt's script
+    max_paragraph_chars: int = 2000
+    reject_code_blocks: bool = True
+    dedup: bool = True
 
 
 @dataclass
@@ -161,4 +174,4 @@ def register_recipe_configs() -> None:
 register_recipe_configs()
 
 __all__: List[str] = ["ColdStartConfig", "DistillRecipeConfig", "MixConfig", "R1RecipeConfig", "RLStageConfig",
-                      "RejectionSFTConfig", "RewardModelTermConfig", "SFTStageConfig", "TeacherConfig"]
+                      "RejectionConfig", "RejectionSFTConfig", "RewardModelTermConfig", "SFTStageConfig", "TeacherConfig"]

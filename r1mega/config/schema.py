@@ -7,10 +7,13 @@ Every YAML file under `conf/` is merged onto one of these dataclasses, so a wron
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from r1mega.config.algorithm import GRPOConfig
+from r1mega.config.reward import RewardConfig
 
 
 @dataclass
@@ -229,9 +232,10 @@ class RecordsConfig:
 
 
 @dataclass
-class RLRecipeConfig(RecipeConfig):
-    """A GRPO run (R1-Zero, or an RL stage of R1). Paper values in conf/recipe/r1_zero.yaml; the CPU
-    overlay conf/recipe_platform/r1_zero_cpu.yaml shrinks them for the embedded default.
+class RLRunConfig:
+    """The settings of one GRPO run, read as `cfg.recipe` by `r1mega.recipes.r1_zero.rl_stage`: the
+    whole of recipe=r1_zero (`RLRecipeConfig`) and each RL stage of recipe=r1 (`RLStageConfig`, whose
+    fields of this class become the stage's `recipe`). Paper values in conf/recipe/r1_zero.yaml.
 
     Units (r1mega.config.steps): a *rollout* samples `algorithm.group_size` outputs for each of
     `prompts_per_rollout` prompts and runs `algorithm.num_mini_batches x algorithm.ppo_epochs`
@@ -241,7 +245,6 @@ class RLRecipeConfig(RecipeConfig):
     so every optimizer step >= K trains on outputs generated with the new limit.
     """
 
-    base: str = "embedded"  # embedded (pretrain a tiny base on the synthetic task) | an HF directory
     template: str = "r1_zero"
     rollouts: int = 650  # GRPO iterations (paper: 650 x 16 = 10,400 optimizer steps)
     prompts_per_rollout: int = 512  # x group_size outputs per rollout (paper: 512 x 16 = 8,192)
@@ -253,26 +256,43 @@ class RLRecipeConfig(RecipeConfig):
     train_max_tokens: int = 67584  # tokens per packed training microbatch (>= prompt + longest response)
     save_every: int = 50  # rollouts between checkpoints
     keep_last: int = 2
-    cache_dir: str = "runs/cache"
     offload_reference: bool = False  # GPU: keep the reference model in host memory between uses
     offload_train_state: bool = True  # free gradients, optimizer state to host memory while vLLM runs
     wandb: bool = True
     deterministic: bool = True  # CPU: resumed runs reproduce the uninterrupted run's metrics
     records: RecordsConfig = field(default_factory=RecordsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class RLRecipeConfig(RLRunConfig, RecipeConfig):
+    """`recipe=r1_zero`: one GRPO run from a base model. The CPU overlay
+    conf/recipe_platform/r1_zero_cpu.yaml shrinks the paper's values for the embedded default."""
+
+    base: str = "embedded"  # embedded (pretrain a tiny base on the synthetic task) | an HF directory
+    cache_dir: str = "runs/cache"
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 @dataclass
-class R1MegaConfig:
+class LayoutGroups:
+    """The groups the run and the planner (`r1mega.plan.schema.PlanConfig`) share: a model, its training
+    layout, the platform, the rollout engine's layout."""
+
     model: ModelConfig = MISSING
     parallel: ParallelConfig = MISSING
     platform: PlatformConfig = MISSING
     rollout: RolloutConfig = MISSING
+
+
+@dataclass
+class R1MegaConfig(LayoutGroups):
+    """The root of conf/config.yaml: one field per group."""
+
     recipe: RecipeConfig = MISSING
     data: DataConfig = MISSING
-    algorithm: Any = MISSING  # GRPOConfig (r1mega.algorithms.grpo)
-    reward: Any = MISSING  # RewardConfig (r1mega.rewards.compose)
+    algorithm: GRPOConfig = MISSING
+    reward: RewardConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     run_dir: str = "runs/${recipe.name}/${model.name}"
     verbose: bool = False  # true: every library's output on the terminal; false: r1mega's lines there, all in <run_dir>/run.log
@@ -288,3 +308,5 @@ def register_configs() -> None:
     cs.store(group="recipe", name="recipe_schema", node=RecipeConfig)
     cs.store(group="recipe", name="rl_recipe_schema", node=RLRecipeConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="algorithm", name="grpo_schema", node=GRPOConfig)
+    cs.store(group="reward", name="reward_schema", node=RewardConfig)

@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Iterator, Optional
 
+from r1mega.config.algorithm import CORRECTION_MODES, LOSS_AGG
+from r1mega.config.reward import ISOLATIONS
+
 ARCHS = ("deepseek_v3", "qwen2", "llama", "qwen3")
 FP8_RECIPES = ("blockwise", "delayed")
 
@@ -82,28 +85,10 @@ def one_of(*choices) -> Rule:
     return Rule(choices=choices)
 
 
-def _loss_aggs():
-    from r1mega.algorithms.grpo import LOSS_AGG
-
-    return LOSS_AGG
-
-
-def _correction_modes():
-    from r1mega.algorithms.correction import MODES
-
-    return MODES
-
-
 def _benchmarks():
     from r1mega.eval.benchmarks import BENCHMARKS
 
     return BENCHMARKS
-
-
-def _isolations():
-    from r1mega.rewards.sandbox import ISOLATIONS
-
-    return ISOLATIONS
 
 
 def _scripts():
@@ -122,8 +107,8 @@ _RL_RUN = dict(rollouts=at_least(1), prompts_per_rollout=at_least(1), max_prompt
                max_response_tokens=POSITIVE_INT, train_max_tokens=POSITIVE_INT, save_every=at_least(1),
                keep_last=at_least(1), template=one_of(*TEMPLATES), **_SAMPLING)
 
-# Schema class name -> {field: rule}. A class gets the rules of its bases too (RLRecipeConfig those of
-# RecipeConfig); the walk finds each class wherever it sits (EvalConfig under recipe.eval and under
+# Schema class name -> {field: rule}. A class gets the rules of its bases too (RLRecipeConfig and
+# RLStageConfig those of RLRunConfig); the walk finds each class wherever it sits (EvalConfig under recipe.eval and under
 # every RL stage). Names, not classes, so this module imports neither torch nor the recipes.
 # tests/test_validation.py checks that every numeric or enumerated field of every schema is here.
 RANGES: dict[str, dict[str, Rule]] = {
@@ -167,8 +152,7 @@ RANGES: dict[str, dict[str, Rule]] = {
     "RecordsConfig": dict(every=NON_NEGATIVE.because("rollouts between rollout records; 0 = none"), max_gb=POSITIVE,
                           wandb_every=NON_NEGATIVE.because("rollouts between W&B sample tables; 0 = none")),
     "EvalConfig": dict(every=NON_NEGATIVE.because("rollouts between evals; 0 = only before and after"), **_EVAL),
-    "RLRecipeConfig": dict(_RL_RUN),
-    "RLStageConfig": dict(_RL_RUN),
+    "RLRunConfig": dict(_RL_RUN),
     "SFTStageConfig": dict(steps=at_least(1), epochs=at_least(1), batch_size=at_least(1), max_tokens=POSITIVE_INT,
                            warmup_steps=NON_NEGATIVE, save_every=at_least(1), keep_last=at_least(1), **_SCHEDULE),
     "ColdStartConfig": dict(num_examples=at_least(1)),
@@ -184,18 +168,18 @@ RANGES: dict[str, dict[str, Rule]] = {
         group_size=at_least(2).because("GRPO normalises rewards within a group"),
         clip_eps_low=Rule(lo=0, hi=1, hi_open=True).because("the ratio is clipped below at 1 - clip_eps_low"),
         clip_eps_high=NON_NEGATIVE, dual_clip_c=Rule(lo=1, lo_open=True).because("the dual clip bound is c > 1"),
-        kl_coef=NON_NEGATIVE, ref_update_optimizer_steps=at_least(1), loss_agg=Rule(choices=_loss_aggs),
+        kl_coef=NON_NEGATIVE, ref_update_optimizer_steps=at_least(1), loss_agg=Rule(choices=LOSS_AGG),
         norm_length=POSITIVE_INT, adv_eps=NON_NEGATIVE, ppo_epochs=at_least(1), num_mini_batches=at_least(1),
         mtp_loss_coef=NON_NEGATIVE, old_logp_source=one_of("trainer", "engine"), router_replay=one_of("auto", "none", "r2", "r3")),
     "RolloutCorrectionConfig": dict(
-        mode=Rule(choices=_correction_modes),
+        mode=Rule(choices=CORRECTION_MODES),
         tis_cap=Rule(lo=1, lo_open=True).because("importance weights are truncated at C > 1"),
         mis_low=Rule(lo=0, hi=1, lo_open=True, hi_open=True).because("the kept ratios [mis_low, mis_high] must contain 1"),
         mis_high=Rule(lo=1, lo_open=True).because("the kept ratios [mis_low, mis_high] must contain 1")),
     "RewardConfig": dict(workers=NON_NEGATIVE.because("0 grades inline"), timeout_s=POSITIVE),
     "TermConfig": dict(weight=Rule()),
     "SandboxConfig": dict(cpu_s=at_least(1), wall_s=POSITIVE, memory_mb=at_least(1), file_mb=at_least(1),
-                          nproc=at_least(1), output_kb=at_least(1), isolation=Rule(choices=_isolations)),
+                          nproc=at_least(1), output_kb=at_least(1), isolation=Rule(choices=ISOLATIONS)),
     # The evaluation CLI (`python -m r1mega.eval`, r1mega.eval.config.EvalOptions).
     "EvalOptions": dict(k=POSITIVE_INT, temperature=NON_NEGATIVE, top_p=TOP_P, max_tokens=POSITIVE_INT,
                         limit=at_least(1).because("the first N problems of each benchmark"), template=one_of(*TEMPLATES),
@@ -820,3 +804,13 @@ def validate(cfg) -> None:
     problems += _length_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra/OmegaConf errors span several lines; keep the message and the full key."""
+    cause = exc
+    while cause.__cause__ is not None and not getattr(cause, "full_key", None):
+        cause = cause.__cause__
+    msg = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
+    key = getattr(cause, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg

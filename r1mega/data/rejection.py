@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
 
+from r1mega.config.recipes import RejectionConfig
 from r1mega.data.chat import split_response
 from r1mega.data.jsonl import write_jsonl
 from r1mega.data.templates import render
@@ -47,25 +46,6 @@ _SCRIPT_CLASSES = {
 }
 _CLASS_RE = {name: re.compile(f"[{chars}]+") for name, chars in _SCRIPT_CLASSES.items()}
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
-
-
-@dataclass
-class RejectionConfig:
-    k: int = 4  # samples per prompt
-    m: int = 1  # kept per prompt at most
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = 1024
-    seed: int = 0
-    batch_prompts: int = 256  # prompts per engine call
-    required: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})  # term -> minimum
-    min_total: Optional[float] = None  # minimum weighted reward total, if set
-    drop_truncated: bool = True
-    max_language_mixing: float = 0.1  # share of chain-of-thought words outside the target script
-    language: Optional[str] = None  # a `rewards.language.SCRIPTS` key; None = the prompt's script
-    max_paragraph_chars: int = 2000
-    reject_code_blocks: bool = True
-    dedup: bool = True
 
 
 def script_of(word: str) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from r1mega.config.schema import ModelConfig, ParallelConfig, PlatformConfig, RolloutConfig
+from r1mega.config.schema import LayoutGroups
 
 
 @dataclass
@@ -85,7 +85,7 @@ class PlannerConfig:
 
 
 @dataclass
-class PlanConfig(PlannerConfig):
+class PlanConfig(LayoutGroups, PlannerConfig):
     """The planner's root: planner fields at top level (`seq_length=8192`), groups as in the main app."""
 
     defaults: list[Any] = field(
@@ -98,10 +98,6 @@ class PlanConfig(PlannerConfig):
             "_self_",
         ]
     )
-    model: ModelConfig = MISSING
-    parallel: ParallelConfig = MISSING
-    platform: PlatformConfig = MISSING
-    rollout: RolloutConfig = MISSING
     cluster: ClusterConfig = MISSING
     num_gpus: Optional[int] = None  # None: parallel.world_size, else one node
     layout: str = "given"  # given | best: the breakdown's training layout (the CLI picks best unless parallel= is set)

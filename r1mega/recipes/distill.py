@@ -23,6 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
+from r1mega.config.reward import RewardConfig
 from r1mega.data.prompts import load_rows
 from r1mega.parallel.state import destroy_distributed, init_distributed
 from r1mega.recipes import stages as S
@@ -143,8 +144,6 @@ def _teacher_loader(teacher: Base):
 def reward_cfg(cfg):
     """Correctness (and the output form) of the template's answers: accuracy + format (whose style is
     the template's own output form)."""
-    from r1mega.rewards import RewardConfig
-
     node = OmegaConf.structured(RewardConfig)
     terms = [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 1.0, "params": {"style": cfg.recipe.template}}]
     return OmegaConf.merge(node, {"sources": {"default": {"terms": terms}}, "workers": cfg.reward.workers})

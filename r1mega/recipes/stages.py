@@ -22,11 +22,15 @@ import copy
 import json
 import random
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from r1mega.config import CONF_DIR
+from r1mega.config.recipes import RejectionConfig, RLStageConfig
+from r1mega.config.schema import ModelConfig, ParallelConfig, RLRecipeConfig, RLRunConfig
 from r1mega.data import arithmetic
 from r1mega.data.jsonl import DataError, read_jsonl, read_sft_rows, write_jsonl
 from r1mega.parallel import interrupt
@@ -92,17 +96,10 @@ def stages_to_run(cfg, run_dir: Path, stages: tuple[str, ...] | list[str]) -> li
 
 
 # -- configs -------------------------------------------------------------------------------------------
-RL_FIELDS = ("template", "rollouts", "prompts_per_rollout", "max_prompt_tokens", "max_response_tokens",
-             "response_length_schedule", "temperature", "top_p", "train_max_tokens", "save_every", "keep_last",
-             "wandb", "deterministic", "eval")
-
-
 def stage_cfg(cfg: DictConfig, name: str, run_dir: Path, recipe: dict | DictConfig | None = None,
               model=None, parallel=None, algorithm=None, optim=None, reward=None) -> DictConfig:
     """A copy of `cfg` for one stage: `recipe` replaced (an RLRecipeConfig node when `recipe` is given),
     the other groups merged with the given overlays, `run_dir` the stage's directory."""
-    from r1mega.config.schema import RLRecipeConfig
-
     out = copy.deepcopy(cfg)
     with open_dict(out):
         out.run_dir = str(run_dir)
@@ -116,17 +113,14 @@ def stage_cfg(cfg: DictConfig, name: str, run_dir: Path, recipe: dict | DictConf
     return out
 
 
-def rl_recipe(stage) -> dict:
-    """The fields of an RLStageConfig that `rl_stage` reads as `cfg.recipe`."""
-    return {k: OmegaConf.to_container(stage[k], resolve=True) if OmegaConf.is_config(stage[k]) else stage[k]
-            for k in RL_FIELDS}
+def rl_recipe(stage: RLStageConfig) -> dict:
+    """The fields of an RL stage that `rl_stage` reads as `cfg.recipe`: those of `RLRunConfig`."""
+    return {f.name: OmegaConf.to_container(stage[f.name], resolve=True) if OmegaConf.is_config(stage[f.name])
+            else stage[f.name] for f in fields(RLRunConfig)}
 
 
 def preset(group: str, name: str, overrides=None) -> DictConfig:
     """conf/<group>/<name>.yaml on its schema (a model or parallel preset), plus `overrides`."""
-    from r1mega.config import CONF_DIR
-    from r1mega.config.schema import ModelConfig, ParallelConfig
-
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
@@ -231,7 +225,7 @@ def sft_stage(cfg: DictConfig, name: str, stage_dir: Path, init: Optional[Callab
 
     try:  # a stop signal: a checkpoint at the step it ends, then Interrupted
         res = train_sft(engine, samples, scfg, logger=logger, start_step=start, on_step=save,
-                        thd=cfg.platform.transformer_engine, on_stop=lambda step: save(step, stopping=True))
+                        on_stop=lambda step: save(step, stopping=True))
     finally:
         logger.close()
     if is_rank0():
@@ -263,13 +257,13 @@ class PolicySampler:
     `generate` runs on the engine rank and returns the outputs on every rank."""
 
     def __init__(self, cfg: DictConfig, tok, work_dir: Path, launch):
-        from r1mega.recipes.r1_zero import _engine
+        from r1mega.recipes.r1_zero import rollout_engine
         from r1mega.rollout.sync import WeightSync
         from r1mega.trainer.engine import MegatronEngine
 
         self.cfg, self.tok = cfg, tok
         self.model = MegatronEngine(cfg, trainable=False)
-        self.engine = _engine(cfg, tok, work_dir, launch)
+        self.engine = rollout_engine(cfg, tok, work_dir, launch)
         self.sync = WeightSync(cfg.model, cfg.parallel, cfg.rollout)
         self.loaded = None
 
@@ -348,7 +342,7 @@ def rejection_sample(sampler: PolicySampler, rows: list[dict], template: str, re
                      source: str, step: Optional[int]) -> dict:
     """`r1mega.data.rejection.rejection_sample` on the engine rank (rows too long for the engine are
     skipped and counted); writes `out_path` (+ `rejected.jsonl` beside it); counts shared with all."""
-    from r1mega.data.rejection import RejectionConfig, rejection_sample as sample
+    from r1mega.data.rejection import rejection_sample as sample
 
     counts = None
     if sampler.engine is not None:

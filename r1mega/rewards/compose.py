@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from r1mega.config.reward import RewardConfig, TermConfig
 from r1mega.data.templates import opens_think
 from r1mega.rewards import code, format as fmt, language, math
 from r1mega.rewards.pool import WorkerPool
-from r1mega.rewards.sandbox import SandboxConfig, resolve_isolation
+from r1mega.rewards.sandbox import resolve_isolation
 
 REWARDS: dict[str, Callable[..., float]] = {
     "accuracy": math.accuracy,
@@ -19,33 +18,6 @@ REWARDS: dict[str, Callable[..., float]] = {
     "language": language.consistency,
     "code": code.pass_rate,
 }
-
-
-@dataclass
-class TermConfig:
-    name: str = MISSING  # a key of REWARDS
-    weight: float = 1.0
-    params: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the reward function
-
-
-@dataclass
-class SourceConfig:
-    terms: List[TermConfig] = field(default_factory=list)  # summed with their weights
-
-
-@dataclass
-class RewardConfig:
-    sources: Dict[str, SourceConfig] = field(default_factory=dict)  # data_source -> its reward terms
-    source_key: str = "data_source"  # the row field that picks the terms
-    default_source: Optional[str] = "default"  # terms for sources without an entry; None = error
-    workers: int = 2  # grading processes; 0 grades inline (no parent-enforced timeout)
-    timeout_s: float = 10.0  # wall-clock per term, enforced by the parent; code adds wall_s per test
-    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
-
-
-def register_configs() -> None:
-    ConfigStore.instance().store(group="reward", name="reward_schema", node=RewardConfig)
-
 
 _SET_BY_MANAGER = {"completion", "row", "think_open", "sandbox"}
 

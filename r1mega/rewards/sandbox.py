@@ -31,32 +31,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from r1mega.config.reward import ISOLATIONS, SandboxConfig
+
 _BOOT = Path(__file__).with_name("_sandbox_boot.py")
 _NOBODY = 65534
 _UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child"]
 _ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "HOME": "/nonexistent"}
 _INSIDE = "/sandbox"  # where bwrap shows the run's directory
-ISOLATIONS = ("auto", "bwrap", "namespace", "audit")
 # Asked of the sandbox interpreter: what it needs to start (and the site-packages to hide).
 _LAYOUT = ("import json, os, sys, sysconfig as s; v = s.get_config_var; "
            "lib = os.path.join(v('LIBDIR'), v('INSTSONAME')) if v('Py_ENABLE_SHARED') else ''; "
            "print(json.dumps([os.path.realpath(sys.executable), s.get_path('stdlib'), s.get_path('platstdlib'), "
            "lib, s.get_path('purelib'), s.get_path('platlib')]))")
-
-
-@dataclass
-class SandboxConfig:
-    cpu_s: int = 2  # per test run
-    wall_s: float = 4.0  # per test run, includes interpreter start-up
-    memory_mb: int = 1024  # RLIMIT_AS
-    file_mb: int = 8  # RLIMIT_FSIZE; with bwrap also the size of the private /tmp and of the work dir
-    nproc: int = 16  # RLIMIT_NPROC: per namespace with `unshare`/bwrap, per uid without
-    output_kb: int = 256  # stdout beyond this fails the run
-    # auto | bwrap | namespace | audit: auto = bwrap, and an error where it does not run; namespace and
-    # audit let the program read the host's world-readable files (see the module docstring)
-    isolation: str = "auto"
-    audit_hook: bool = True  # the interpreter-level layer; off only to test the kernel layers alone
-    python: str = ""  # interpreter for untrusted code; "" = this one, or a system one nobody can run
 
 
 @dataclass
