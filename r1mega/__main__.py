@@ -13,18 +13,8 @@ import hydra
 from hydra._internal.utils import get_args_parser
 from omegaconf import DictConfig
 
-from r1mega.config import CONF_DIR, ConfigError, compose
+from r1mega.config import CONF_DIR, ConfigError, compose, one_line
 from r1mega.models.params import count_parameters
-
-
-def _one_line(exc: BaseException) -> str:
-    """Hydra/OmegaConf errors span several lines; keep the message and the full key."""
-    cause = exc
-    while cause.__cause__ is not None and not getattr(cause, "full_key", None):
-        cause = cause.__cause__
-    msg = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
-    key = getattr(cause, "full_key", None)
-    return f"{key}: {msg}" if key and key not in msg else msg
 
 
 def preflight(argv: list[str]) -> DictConfig:
@@ -54,7 +44,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
         return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
     except Exception as e:  # hydra's parse and sweep errors
-        print(f"r1mega: invalid sweep: {_one_line(e)}", file=sys.stderr)
+        print(f"r1mega: invalid sweep: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -68,7 +58,7 @@ def _check(overrides: list[str], args, job: str | None = None) -> DictConfig:
         print(f"r1mega: invalid config: {job_}{e.problems[0]}{more}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # hydra/omegaconf composition errors (bad type, unknown key or option)
-        print(f"r1mega: invalid config: {job_}{_one_line(e)}", file=sys.stderr)
+        print(f"r1mega: invalid config: {job_}{one_line(e)}", file=sys.stderr)
         sys.exit(2)
     if not (args.cfg or args.help or args.hydra_help or args.info or args.shell_completion):
         problem = dir_problem("run_dir", cfg.run_dir)  # Hydra creates run_dir (hydra.run.dir) first thing

@@ -7,19 +7,19 @@ from pathlib import Path
 from megatron.core import dist_checkpointing
 
 
-def _keyed_modules(chunks):
+def keyed_modules(chunks):
     """(checkpoint key, unwrapped module) per model chunk; DDP wrappers hold the module in `.module`."""
     for i, c in enumerate(chunks):
         yield (f"model{i}" if len(chunks) > 1 else "model"), getattr(c, "module", c)
 
 
 def model_sharded_state_dict(chunks) -> dict:
-    return {key: module.sharded_state_dict() for key, module in _keyed_modules(chunks)}
+    return {key: module.sharded_state_dict() for key, module in keyed_modules(chunks)}
 
 
 def load_model_state(chunks, loaded: dict) -> None:
     """Copy the model entries of a loaded dist checkpoint into `chunks`."""
-    for key, module in _keyed_modules(chunks):
+    for key, module in keyed_modules(chunks):
         module.load_state_dict(loaded[key], strict=True)
 
 

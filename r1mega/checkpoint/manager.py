@@ -41,7 +41,7 @@ def _sharded_state_dict(chunks, optimizer, is_loading: bool) -> dict:
     return sd
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,13 +100,13 @@ def _zero_step_if_missing(optimizer, loaded: dict) -> None:
             state["common_step"] = torch.tensor(0.0)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     import numpy as np
 
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
@@ -138,7 +138,7 @@ class CheckpointManager:
         removed = []
         for p in [*self.root.glob("tmp-*"), *self.root.glob("latest.tmp-*")]:
             pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 removed.append(p)
         orphan = None if saving is None else self.path(saving)
@@ -163,7 +163,7 @@ class CheckpointManager:
             init_optimizer_state(optimizer)  # a save before the first step
         dist_checkpointing.save(_sharded_state_dict(chunks, optimizer, is_loading=False), str(tmp))
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
+        torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
         if _rank() == 0:
             # `step` wins over a stale one in `state` (e.g. the state returned by the last load).
             (tmp / STATE_FILE).write_text(json.dumps({**(state or {}), "step": step}))
@@ -205,5 +205,5 @@ class CheckpointManager:
             optimizer.load_state_dict(loaded["optimizer"])
         rng = path / "rng" / f"rank_{_rank()}.pt"
         if rng.exists():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(torch.load(rng, weights_only=False))
         return json.loads((path / STATE_FILE).read_text())

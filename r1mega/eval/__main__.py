@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE.format(options=_options_help()))
         return 0
 
-    from r1mega.__main__ import _one_line
+    from r1mega.config import one_line
     from r1mega.config import ConfigError, compose
     from r1mega.eval import benchmarks
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1mega.eval: invalid config: {e.problems[0]}{more}", file=sys.stderr)
         return 2
     except Exception as e:  # unknown key or benchmark, bad type or value, unreadable data file
-        print(f"r1mega.eval: invalid config: {_one_line(e)}", file=sys.stderr)
+        print(f"r1mega.eval: invalid config: {one_line(e)}", file=sys.stderr)
         return 2
 
     from rich.progress import Progress

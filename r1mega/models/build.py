@@ -72,16 +72,11 @@ def transformer_config(m, par, plat, routing_replay: bool = False) -> Transforme
             moe_ffn_hidden_size=m.moe_ffn_hidden_size,
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
             moe_layer_freq=pattern,
-            moe_router_topk=m.moe_router_topk,
-            moe_router_score_function=m.moe_router_score_function,
-            moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
-            moe_router_bias_update_rate=m.moe_router_bias_update_rate,
-            moe_router_num_groups=m.moe_router_num_groups,
-            moe_router_group_topk=m.moe_router_group_topk,
-            moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
-            moe_router_pre_softmax=m.moe_router_pre_softmax,
-            moe_router_load_balancing_type=m.moe_router_load_balancing_type,
-            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            # ModelConfig's router fields carry megatron-core's TransformerConfig names.
+            **{k: getattr(m, k) for k in ("moe_router_topk", "moe_router_score_function", "moe_router_enable_expert_bias",
+                                          "moe_router_bias_update_rate", "moe_router_num_groups", "moe_router_group_topk",
+                                          "moe_router_topk_scaling_factor", "moe_router_pre_softmax",
+                                          "moe_router_load_balancing_type", "moe_aux_loss_coeff")},
             moe_router_dtype="fp32",
             moe_token_dispatcher_type="alltoall",
             # Grouped GEMM only through TE (TEGroupedMLP): without it megatron picks the legacy
@@ -125,7 +120,7 @@ def layer_spec(config: TransformerConfig, use_te: bool, vp_stage: int | None = N
 
         # Without Transformer Engine installed, megatron's TE stubs make MLA and the MoE router
         # believe it is (a TypeError / NameError on CPU and on a GPU without TE alike).
-        cpu._without_transformer_engine()
+        cpu.without_transformer_engine()
         # The block's final norm is megatron's `LNImpl`: apex's FusedLayerNorm wherever apex is
         # installed (NGC images), which refuses RMSNorm; its local layers use WrappedTorchNorm for RMSNorm.
         from megatron.core.transformer.torch_norm import WrappedTorchNorm

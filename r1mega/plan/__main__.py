@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if {"-h", "--help"} & set(args):
         print(_usage())
         return 0
-    from r1mega.__main__ import _one_line
+    from r1mega.config import one_line
     from r1mega.config import ConfigError
 
     named = {a.split("=", 1)[0].lstrip("+~").split(".")[0] for a in args}
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1mega.plan: invalid config: {e.problems[0]}{more}", file=sys.stderr)
         return 2
     except Exception as e:  # hydra/omegaconf composition errors (bad type, unknown key or option)
-        print(f"r1mega.plan: invalid config: {_one_line(e)}", file=sys.stderr)
+        print(f"r1mega.plan: invalid config: {one_line(e)}", file=sys.stderr)
         return 2
     result = plan(cfg)
     if cfg.output in ("json", "wandb"):

@@ -75,7 +75,7 @@ def apply() -> None:
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.synchronize = lambda *a, **k: None
     _CudaToCpu().__enter__()
-    _without_transformer_engine()
+    without_transformer_engine()
     _gloo_all_to_all_with_list_splits()
     _distributed_optimizer_load_with_torch_adam()
     _recompute_without_cuda_rng()
@@ -145,7 +145,7 @@ def _gloo_all_to_all_with_list_splits() -> None:
     dist.all_to_all_single = all_to_all_single
 
 
-def _without_transformer_engine() -> None:
+def without_transformer_engine() -> None:
     """megatron.core.extensions.transformer_engine imports without TE (it stubs names with mocks),
     so modules that import from it believe TE is present."""
     try:
