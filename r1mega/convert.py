@@ -384,8 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1mega.convert: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from r1mega.config import one_line
-        from r1mega.config import ConfigError
+        from r1mega.config import ConfigError, one_line
 
         if isinstance(e, ConfigError):
             more = f" ({len(e.problems) - 1} more problem(s) after fixing this)" if len(e.problems) > 1 else ""

@@ -208,7 +208,7 @@ class MegatronEngine:
         optimizer state to host memory (megatron-core's RL offload APIs,
         `DistributedDataParallel.offload_grad_buffers`, `MegatronOptimizer.offload_to_cpu`; CPU: the
         state is in host memory already) and, with `weights`, every parameter and buffer moved into a
-        host copy of its storage (`to_host`: pinned on GPU; tensors sharing a storage stay views of
+        host copy of its storage (`copy_storage`: pinned on GPU; tensors sharing a storage stay views of
         one copy), usable there as `module.to("cpu")` leaves them. A colocated policy keeps its
         weights (`weights=False`): the weight sync reads them. Raises ValueError for the weights of a
         trainable engine with the distributed optimizer (its parameters are views of megatron's
@@ -227,7 +227,7 @@ class MegatronEngine:
             for t in self._tensors():
                 storage = t.untyped_storage()
                 if storage.data_ptr() not in hosts:
-                    hosts[storage.data_ptr()] = to_host(storage, pin=cuda)
+                    hosts[storage.data_ptr()] = copy_storage(storage, torch.device("cpu"), pin=cuda)
                 self._offloaded.append((t, t.device))
                 t.data = _view(hosts[storage.data_ptr()], t)
             if cuda:
@@ -240,8 +240,7 @@ class MegatronEngine:
         for t, device in self._offloaded:
             host = t.untyped_storage()
             if host.data_ptr() not in devices:  # a copy on CPU too: the bookkeeping is the GPU's
-                devices[host.data_ptr()] = torch.empty(host.nbytes(), dtype=torch.uint8, device=device).untyped_storage()
-                devices[host.data_ptr()].copy_(host)
+                devices[host.data_ptr()] = copy_storage(host, device)
             t.data = _view(devices[host.data_ptr()], t)
         self._offloaded = []
         if self.optimizer is not None:
@@ -261,11 +260,11 @@ class MegatronEngine:
                 yield (f"chunk{i}.{name}" if len(self.model) > 1 else name), p
 
 
-def to_host(storage: torch.UntypedStorage, pin: bool) -> torch.UntypedStorage:
-    """A host copy of `storage` (page-locked with `pin`, for fast GPU transfers)."""
-    host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
-    host.copy_(storage)
-    return host
+def copy_storage(storage: torch.UntypedStorage, device: torch.device, pin: bool = False) -> torch.UntypedStorage:
+    """A copy of `storage` on `device` (host memory page-locked with `pin`, for fast GPU transfers)."""
+    copy = torch.empty(storage.nbytes(), dtype=torch.uint8, device=device, pin_memory=pin).untyped_storage()
+    copy.copy_(storage)
+    return copy
 
 
 def _view(storage: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
