@@ -256,7 +256,7 @@ class RLRunConfig:
     train_max_tokens: int = 67584  # tokens per packed training microbatch (>= prompt + longest response)
     save_every: int = 50  # rollouts between checkpoints
     keep_last: int = 2
-    offload_reference: bool = False  # GPU: keep the reference model in host memory between uses
+    offload_reference: bool = False  # keep the reference model in host memory between uses (CPU: copies, same bookkeeping)
     offload_train_state: bool = True  # free gradients, optimizer state to host memory while vLLM runs
     wandb: bool = True
     deterministic: bool = True  # CPU: resumed runs reproduce the uninterrupted run's metrics

@@ -157,16 +157,23 @@ class MegatronEngine:
         """Forward-only passes (eval mode, no loss, no backward) over `microbatches` (as
         `forward_backward` takes them): `fn(output, batch)` per microbatch, in order, on the last
         pipeline stage (the model's output there: [b, s, vocab / TP] logits, or the reward model's
-        [b, s] values); [] on other stages. megatron's `collect_non_loss_data` mode."""
+        [b, s] values); [] on other stages.
+
+        Under `torch.no_grad()`: a trainable model would otherwise keep every layer's activations
+        for a backward that never comes (eval mode also disables full recompute), and megatron's
+        routers skip counting these tokens for the aux-loss-free bias update, as in its evaluation.
+        `fn`'s result rides in the schedule's reported-loss slot beside a zero loss, so megatron
+        drops each microbatch's output before the next forward (its `collect_non_loss_data` mode
+        would hold one more output, a full logits tensor)."""
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
             return _model_forward(model, batch), partial(_collect, fn, batch)
 
-        return self._schedule(microbatches, forward_step, forward_only=True, collect_non_loss_data=True)
+        with torch.no_grad():
+            return self._schedule(microbatches, forward_step, forward_only=True)
 
-    def _schedule(self, microbatches: list[dict], forward_step, forward_only: bool,
-                  collect_non_loss_data: bool = False):
+    def _schedule(self, microbatches: list[dict], forward_step, forward_only: bool):
         mb = microbatches[0]["tokens"]
         vpp = len(self.model)
         data = [iter(microbatches) for _ in range(vpp)] if vpp > 1 else iter(microbatches)
@@ -180,7 +187,6 @@ class MegatronEngine:
             seq_length=mb.shape[1],
             micro_batch_size=mb.shape[0],
             forward_only=forward_only,
-            collect_non_loss_data=collect_non_loss_data,
         )
 
     def train_step(self, microbatches: list[dict], loss_fn: LossFn, with_labels: bool = False,
@@ -278,8 +284,8 @@ def _model_forward(model, batch: dict, labels=None, **extra):
                  packed_seq_params=batch.get("packed_seq_params"), **extra)
 
 
-def _collect(fn, batch: dict, output: torch.Tensor, non_loss_data: bool = True):
-    return fn(output, batch)
+def _collect(fn, batch: dict, output: torch.Tensor):
+    return output.new_zeros(()), torch.tensor(0, dtype=torch.int), fn(output, batch)
 
 
 def _loss_wrapper(loss_fn: LossFn, batch: dict, output: torch.Tensor):

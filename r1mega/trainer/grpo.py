@@ -93,7 +93,7 @@ class GRPOTrainer:
         self.reward = RewardManager(cfg.reward, cfg.recipe.template) if engine is not None else None
         # Colocated rollouts: gradients and optimizer state leave the GPU while the engine runs; the
         # weights stay (the weight sync reads them).
-        offload = partial(policy.offload, weights=False) if getattr(cfg.recipe, "offload_train_state", True) else None
+        offload = partial(policy.offload, weights=False) if cfg.recipe.offload_train_state else None
         self.colocation = Colocation(engine, WeightSync(cfg.model, cfg.parallel, cfg.rollout),
                                      offload=offload, onload=policy.onload if offload else None)
         if offload:  # the first rollout comes before any training
@@ -283,10 +283,12 @@ class GRPOTrainer:
     def _ref_logprobs(self, minibatches: list[Packed]) -> None:
         """`ref_logp` of the microbatches (`_logprobs`); with `recipe.offload_reference` the reference
         comes out of host memory for the pass only."""
-        if self.offload_ref:
-            self.ref.onload()
-        self._logprobs(self.ref, minibatches, "ref_logp")
-        if self.offload_ref:
+        if not self.offload_ref:
+            return self._logprobs(self.ref, minibatches, "ref_logp")
+        self.ref.onload()
+        try:
+            self._logprobs(self.ref, minibatches, "ref_logp")
+        finally:  # a failed pass must not leave the reference's weights on the device
             self.ref.offload()
 
     def _old_logprobs(self, minibatches: list[Packed], timer: PhaseTimer) -> dict | None:
