@@ -23,7 +23,7 @@ from r1mega.checkpoint.atomic import write_text
 # (title, metric names or name prefixes ending in "/", y-axis title); `time/` stacks as bars.
 CHARTS = [
     ("Reward terms", ["reward/"], "mean reward"),
-    ("Accuracy and format", ["accuracy", "format_rate", "eval/accuracy", "eval/format_rate"], "fraction"),
+    ("Accuracy and format", ["accuracy", "format_rate", "eval/pass@1", "eval/format"], "fraction"),
     ("Response length", ["response_length/mean", "response_length/max"], "tokens"),
     ("Truncated responses", ["response_length/clipped_frac"], "fraction"),
     ("KL", ["loss/ref_kl", "loss/approx_kl", "rollout_corr/kl_k3"], "nats per token"),
@@ -64,26 +64,21 @@ def _figure(rows: list[dict], title: str, names: list[str], axis: str) -> str:
 
 
 def _eval_table(run_dir: Path) -> str:
+    from r1mega.eval.report import cells, columns
+
     results = {when: json.loads(p.read_text()) for when in ("before", "after")
                if (p := run_dir / f"eval_{when}" / "results.json").is_file()}
     if not results:
         return "<p>No held-out eval in this run directory.</p>"
-    cols = ["problems", "pass@1", "format", "mean_tokens", "truncated"]
     first = next(iter(results.values()))
-    out = [f"<p>{html.escape(', '.join(f'{k} {v}' for k, v in first['settings'].items()))}</p>",
-           "<table><tr><th>benchmark</th><th>when</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"]
+    k = first["settings"]["k"]
+    out = [f"<p>{html.escape(', '.join(f'{key} {v}' for key, v in first['settings'].items()))}</p>",
+           "<table><tr><th>benchmark</th><th>when</th>" + "".join(f"<th>{c.key}</th>" for c in columns(k)) + "</tr>"]
     for bench in first["metrics"]:
         for when, res in results.items():
-            m = res["metrics"].get(bench, {})
-            cells = "".join(f"<td>{_fmt(m.get(c))}</td>" for c in cols)
-            out.append(f"<tr><td>{html.escape(bench)}</td><td>{when} RL</td>{cells}</tr>")
+            row = "".join(f"<td>{html.escape(c)}</td>" for c in cells(res["metrics"].get(bench, {}), k))
+            out.append(f"<tr><td>{html.escape(bench)}</td><td>{when} RL</td>{row}</tr>")
     return "\n".join(out) + "</table>"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return "-" if v is None else html.escape(str(v))
 
 
 def _parts(response: str) -> str:

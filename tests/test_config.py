@@ -168,6 +168,19 @@ def test_r1_stage_lengths_are_checked():
     assert any("recipe.rl_all.max_prompt_tokens=64 + recipe.rl_all.max_response_tokens=100" in p for p in problems), problems
 
 
+def test_r1_rl_stage_settings_reach_the_stage_recipe(tmp_path):
+    """What an RL stage of recipe=r1 sets is what `rl_stage` reads as `cfg.recipe` (offload_reference,
+    offload_train_state and records had drifted out of the stages); the other stage keeps the defaults."""
+    from r1mega.recipes.stages import rl_recipe, stage_cfg
+
+    cfg = compose(["recipe=r1", "recipe.rl_all.offload_reference=true", "recipe.rl_all.offload_train_state=false",
+                   "recipe.rl_all.records.every=3"])
+    got = {name: stage_cfg(cfg, name, tmp_path, recipe=rl_recipe(cfg.recipe[name])).recipe
+           for name in ("rl_reasoning", "rl_all")}
+    assert [(r.offload_reference, r.offload_train_state, r.records.every) for r in got.values()] == [(False, True, 1),
+                                                                                                   (True, False, 3)]
+
+
 def test_cli_length_violation_is_one_line():
     r = _cli("--cfg", "job", *README_671B, "recipe.train_max_tokens=65536")
     assert r.returncode == 2

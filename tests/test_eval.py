@@ -217,6 +217,15 @@ def test_evaluate_exact_values():
     assert a["truncated"] == pytest.approx(1 / 8)
     assert a["mean_tokens"] == pytest.approx(sum(len(t) for t in SCRIPT["P1"] + SCRIPT["P2"]) / 8)
     assert (b["pass@1"], b["cons@4"], b["pass@4"], b["format"], b["truncated"]) == (0.0, 0.0, 0.0, 0.25, 0.75)
+    # All benchmarks together (the R1-Zero summary), same names: the mean over all problems and samples.
+    from r1mega.eval.report import cells, pooled
+
+    flat = result.samples
+    both = pooled(result.metrics, 4)
+    assert both["pass@1"] == pytest.approx(sum(s["correct"] for s in flat) / 12)
+    assert both["format"] == pytest.approx(sum(s["format"] for s in flat) / 12)
+    assert both["mean_tokens"] == pytest.approx(sum(s["num_tokens"] for s in flat) / 12)
+    assert cells(both, 4) == ["3", "1", "0.333", "0.667", "0.667", "0.417", f"{both['mean_tokens']:.1f}", "0.333"]
     records = [(s["id"], s["sample"], s["answer"], s["correct"]) for s in result.samples]
     assert records == [
         ("a/1", 0, "1/2", True), ("a/1", 1, "0.5", True), ("a/1", 2, "3", False), ("a/1", 3, None, False),

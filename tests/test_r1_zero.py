@@ -73,7 +73,7 @@ def test_grpo_steps_world_size_1(tmp_path, cache_dir):
                 "throughput/rollout_tokens_per_s", "throughput/train_tokens_per_s", "response_length/clipped_frac"):
         assert key in rows[-1], key
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert 0 <= summary["before"]["accuracy"] <= 1 and 0 <= summary["after"]["accuracy"] <= 1
+    assert 0 <= summary["before"]["pass@1"] <= 1 and 0 <= summary["after"]["pass@1"] <= 1
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run files missing"
     assert (run_dir / "ckpt" / "latest").read_text() == "3"

@@ -151,35 +151,40 @@ def reward_cfg(cfg):
 
 # -- generate ----------------------------------------------------------------------------------------
 def generate_stage(cfg, tcfg, teacher: Base, stage_dir: Path, launch):
+    from r1mega.eval.models import evaluate_model
+    from r1mega.rollout.sampler import PolicySampler
+
     r = cfg.recipe
     tok = teacher.tokenizer()
     data = stage_dir / "distill.jsonl"
     rows = load_rows(cfg.data, "train")
     rows = rows[: r.num_prompts] if r.num_prompts else rows
     src = str(teacher.checkpoint or teacher.hf_dir)
-    sampler = S.PolicySampler(tcfg, tok, stage_dir, launch)
+    sampler = PolicySampler(tcfg, tok, stage_dir, launch)
     try:
         sampler.load(_teacher_loader(teacher), f"teacher {tcfg.model.name}")
-        teacher_eval = S.evaluate_model(sampler, load_rows(cfg.data, "eval"), r.template, r.eval, cfg.platform.seed,
-                                        stage_dir.parent / "eval" / "teacher")
-        counts = S.rejection_sample(sampler, rows, r.template, r.generate, reward_cfg(cfg), data,
-                                    source=f"distill/teacher:{src}", step=None)
+        teacher_eval = evaluate_model(sampler, load_rows(cfg.data, "eval"), r.template, r.eval, cfg.platform.seed,
+                                      stage_dir.parent / "eval" / "teacher")
+        counts = sampler.rejection_sample(rows, r.template, r.generate, reward_cfg(cfg), data,
+                                          source=f"distill/teacher:{src}", step=None)
     finally:
         sampler.close()
     if not counts["kept"]:
         raise S.StageError(f"the teacher produced no accepted sample (rejected: {counts['rejected']}); check the "
                            "teacher and recipe.generate")
     rej = counts["rejected"]
-    line = (f"teacher {tcfg.model.name} (held-out pass@1 {_pass1(teacher_eval):.3f}) on "
+    line = (f"teacher {tcfg.model.name} (held-out pass@1 {_pass1(teacher_eval, r.eval.k)}) on "
             f"{counts['prompts'] - counts['skipped_prompts']} RL-split prompts x {r.generate.k} samples: "
             f"{counts['generated'] - rej['reward'] - rej['truncated']} correct, {counts['kept']} kept "
             f"(<= {r.generate.m}/prompt, {rej['duplicate']} duplicates) covering {counts['prompts_with_kept']} prompts")
     return {"data": data}, {"counts": counts, "teacher_eval": teacher_eval, "line": line}
 
 
-def _pass1(metrics: dict) -> float:
-    vals = [m["pass@1"] for m in metrics.values() if m.get("pass@1") is not None]
-    return sum(vals) / len(vals) if vals else float("nan")
+def _pass1(metrics: dict, k: int) -> str:
+    """pass@1 over all benchmarks of `metrics` (`r1mega.eval.report.pooled`), as the tables write it."""
+    from r1mega.eval.report import cells, pooled
+
+    return cells(pooled(metrics, k), k, ("pass@1",))[0]
 
 
 # -- student -----------------------------------------------------------------------------------------
@@ -200,6 +205,7 @@ def student_init(cfg, teacher_tok_dir: Path):
 
 
 def student_stage(cfg, teacher: Base, manifest, stage_dir: Path, launch):
+    from r1mega.eval.models import evaluate_models
     from r1mega.models.params import count_parameters
 
     r = cfg.recipe
@@ -212,25 +218,28 @@ def student_stage(cfg, teacher: Base, manifest, stage_dir: Path, launch):
     eval_rows = load_rows(cfg.data, "eval")
     eval_dir = stage_dir.parent / "eval"
     keep_random = lambda chunks: None  # noqa: E731  (the frozen model's own random init)
-    before = S.evaluate_models(cfg, tok, launch, [("student_before", init or keep_random)], eval_rows, r.eval,
-                               eval_dir, stage_dir)["student_before"]
+    before = evaluate_models(cfg, tok, launch, [("student_before", init or keep_random)], eval_rows, r.eval,
+                             eval_dir, stage_dir)["student_before"]
     res = S.sft_stage(cfg, "student_sft", stage_dir, init, rows, r.sft, tok, r.template)
-    after = S.evaluate_models(cfg, tok, launch, [("student_after", S.checkpoint_loader(res["checkpoint"]))], eval_rows,
-                              r.eval, eval_dir, stage_dir)["student_after"]
+    after = evaluate_models(cfg, tok, launch, [("student_after", S.checkpoint_loader(res["checkpoint"]))], eval_rows,
+                            r.eval, eval_dir, stage_dir)["student_after"]
     params = count_parameters(cfg.model).total / 1e6
     line = (f"student {cfg.model.name} ({params:.2f}M params, from {init_label}): SFT on {res['samples']} teacher "
             f"samples, {res['steps']} steps ({res['epochs']:.2f} epochs), loss {res.get('first_loss', float('nan')):.3f} -> "
-            f"{res.get('last_loss', float('nan')):.3f}; held-out pass@1 {_pass1(before):.3f} -> {_pass1(after):.3f}")
+            f"{res.get('last_loss', float('nan')):.3f}; held-out pass@1 {_pass1(before, r.eval.k)} -> {_pass1(after, r.eval.k)}")
     return ({"checkpoint": res["checkpoint"]},
             {**res, "before": before, "after": after, "init": init_label, "line": line})
 
 
 def final_table(cfg, tcfg, manifest, run_dir: Path) -> dict:
+    from r1mega.eval.report import print_eval_table
+
     e = cfg.recipe.eval
     gen, student = manifest.stages["generate"]["summary"], manifest.stages["student"]["summary"]
     entries = [(f"teacher {tcfg.model.name}", gen["teacher_eval"]), (f"student {cfg.model.name} before", student["before"]),
                (f"student {cfg.model.name} after", student["after"])]
-    S.print_eval_table(f"distill {tcfg.model.name} -> {cfg.model.name}: held-out {cfg.data.name}, k={e.k}, "
-                       f"temperature {e.temperature}, top-p {e.top_p}, max_tokens {e.max_tokens}, template {cfg.recipe.template}",
-                       entries, e.k, run_dir / "eval")
+    if S.is_rank0():
+        print_eval_table(f"distill {tcfg.model.name} -> {cfg.model.name}: held-out {cfg.data.name}, k={e.k}, "
+                         f"temperature {e.temperature}, top-p {e.top_p}, max_tokens {e.max_tokens}, template {cfg.recipe.template}",
+                         entries, e.k, run_dir / "eval")
     return dict(entries)

@@ -72,7 +72,8 @@ def cold_start(cfg, base: Base, tok, manifest, stage_dir: Path, launch):
 
 def _rl(cfg, base: Base, stage: str, init_from: str, manifest, stage_dir: Path, launch):
     from r1mega.config.steps import optimizer_steps_per_rollout
-    from r1mega.recipes.r1_zero import rl_stage
+    from r1mega.eval.report import changes
+    from r1mega.recipes.r1_zero import SUMMARY, rl_stage
 
     st = cfg.recipe[stage]
     scfg = S.stage_cfg(cfg, stage, stage_dir, recipe=S.rl_recipe(st), algorithm=st.algorithm, optim=st.optim,
@@ -80,11 +81,10 @@ def _rl(cfg, base: Base, stage: str, init_from: str, manifest, stage_dir: Path, 
     start = Base(cfg.model, tokenizer_dir=base.tokenizer_dir, checkpoint=Path(manifest.outputs(init_from)["checkpoint"]))
     rm = _reward_model(scfg, st.reward_model)
     res = rl_stage(scfg, start, stage_dir, launch, reward_model=rm)
-    b, a = res["before"], res["after"]
     terms = "rule rewards" + (f" + reward model ({st.reward_model.checkpoint}, weight {rm.weight})" if rm else "")
     steps = st.rollouts * optimizer_steps_per_rollout(scfg.algorithm)
-    line = (f"GRPO {st.rollouts} rollouts ({steps} optimizer steps) from {init_from} with {terms}: held-out accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
-            f"format {b['format_rate']:.3f} -> {a['format_rate']:.3f}, tokens {b['mean_tokens']:.1f} -> {a['mean_tokens']:.1f}")
+    held_out = changes(res["before"], res["after"], SUMMARY, scfg.recipe.eval.k)
+    line = f"GRPO {st.rollouts} rollouts ({steps} optimizer steps) from {init_from} with {terms}: held-out {held_out}"
     return {"checkpoint": stage_dir / "ckpt", "metrics": stage_dir / f"{stage}_metrics.jsonl"}, {**res, "line": line}
 
 
@@ -113,6 +113,7 @@ def rl_all(cfg, base, tok, manifest, stage_dir, launch):
 def rejection_sft(cfg, base: Base, tok, manifest, stage_dir: Path, launch):
     from r1mega.checkpoint.manager import CheckpointManager
     from r1mega.data.rejection import mix
+    from r1mega.rollout.sampler import PolicySampler
 
     st = cfg.recipe.rejection_sft
     rl_ckpt = Path(manifest.outputs("rl_reasoning")["checkpoint"])
@@ -126,11 +127,11 @@ def rejection_sft(cfg, base: Base, tok, manifest, stage_dir: Path, launch):
         rl_step = CheckpointManager(rl_ckpt).latest_step()
         rows = load_rows(cfg.data, "train")
         rows = rows[: st.num_prompts] if st.num_prompts else rows
-        sampler = S.PolicySampler(cfg, tok, stage_dir, launch)
+        sampler = PolicySampler(cfg, tok, stage_dir, launch)
         try:
             sampler.load(S.checkpoint_loader(rl_ckpt), f"rl_reasoning step {rl_step}")
-            counts = S.rejection_sample(sampler, rows, cfg.recipe.template, st.rejection, reward, reasoning_path,
-                                        source=f"r1/rl_reasoning:{rl_ckpt}", step=rl_step)
+            counts = sampler.rejection_sample(rows, cfg.recipe.template, st.rejection, reward, reasoning_path,
+                                              source=f"r1/rl_reasoning:{rl_ckpt}", step=rl_step)
         finally:
             sampler.close()
         if not counts["kept"]:
@@ -163,12 +164,16 @@ STAGE_FNS = {"cold_start": cold_start, "rl_reasoning": rl_reasoning, "rejection_
 
 def final_eval(cfg, base: Base, tok, manifest, run_dir: Path, launch) -> dict:
     """Every stage's model (and the base) on the held-out set with one engine; the table."""
+    from r1mega.eval.models import evaluate_models
+    from r1mega.eval.report import print_eval_table
+
     e = cfg.recipe.eval
     rows = load_rows(cfg.data, "eval")
     models = [("base", base.load_into)] + [(s, S.checkpoint_loader(manifest.outputs(s)["checkpoint"])) for s in STAGES]
     out_dir = run_dir / "eval"
-    results = S.evaluate_models(cfg, tok, launch, models, rows, e, out_dir, work_dir=out_dir)
-    S.print_eval_table(f"r1 on {cfg.model.name}: held-out {cfg.data.name}, k={e.k}, temperature {e.temperature}, "
-                       f"top-p {e.top_p}, max_tokens {e.max_tokens}, template {cfg.recipe.template}",
-                       list(results.items()), e.k, out_dir)
+    results = evaluate_models(cfg, tok, launch, models, rows, e, out_dir, work_dir=out_dir)
+    if S.is_rank0():
+        print_eval_table(f"r1 on {cfg.model.name}: held-out {cfg.data.name}, k={e.k}, temperature {e.temperature}, "
+                         f"top-p {e.top_p}, max_tokens {e.max_tokens}, template {cfg.recipe.template}",
+                         list(results.items()), e.k, out_dir)
     return results

@@ -13,18 +13,20 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from r1mega.checkpoint.manager import CheckpointManager
 from r1mega.config.steps import step_plan
 from r1mega.data.prompts import PromptSource, load_rows
+from r1mega.eval.report import pooled
 from r1mega.parallel import interrupt
-from r1mega.parallel.state import broadcast_object, destroy_distributed, init_distributed, is_rank0, seed_everything
+from r1mega.parallel.state import destroy_distributed, init_distributed, is_rank0, seed_everything
 from r1mega.recipes.base import Base, prepare_base
+from r1mega.rollout.sampler import rollout_engine
 from r1mega.trainer.metrics import MetricsLogger, plot_curves
 
 CURVES = ["reward/mean", "accuracy", "format_rate", "response_length/mean"]
+SUMMARY = ("pass@1", "format", "mean_tokens")  # the held-out numbers the summary shows (r1mega.eval.report.columns)
 
 
 def run(cfg) -> dict:
@@ -71,12 +73,13 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
         log.print(f"{r.name}: {step_plan(r, cfg.algorithm, num_prompts=len(prompts)).line()}")
         if prompts.skipped:
             log.print(f"[yellow]{prompts.skipped} prompts longer than recipe.max_prompt_tokens={r.max_prompt_tokens} were skipped")
-        before = _cached_eval(trainer, cfg, eval_rows, run_dir / "eval_before.json")
+        before = _evaluate(trainer, cfg, eval_rows, run_dir / "eval_before")
         interrupt.stop_point()  # the eval before RL is saved; nothing else to keep
         for step in range(start, r.rollouts):  # `step` counts rollouts (GRPO iterations)
             metrics = trainer.step(step)
             if r.eval.every and (step + 1) % r.eval.every == 0 and step + 1 < r.rollouts:
-                metrics.update({f"eval/{k}": v for k, v in _evaluate(trainer, cfg, eval_rows).items()})
+                held_out = pooled(_evaluate(trainer, cfg, eval_rows), r.eval.k)
+                metrics.update({f"eval/{k}": v for k, v in held_out.items() if v is not None})
             log.log(step + 1, metrics)
             stop = interrupt.should_stop()  # every rank agrees: a stop signal on any rank ends the run here
             if stop or (step + 1) % r.save_every == 0 or step + 1 == r.rollouts:
@@ -89,12 +92,13 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
                 interrupt.checkpointed(f"rollout {step + 1}", ckpt.root)
             if stop:
                 raise interrupt.Interrupted(stop)
-        after = _cached_eval(trainer, cfg, eval_rows, run_dir / "eval_after.json")
+        after = _evaluate(trainer, cfg, eval_rows, run_dir / "eval_after")
         log.close()
-        summary = {"before": before, "after": after}
+        summary = {"before": pooled(before, r.eval.k), "after": pooled(after, r.eval.k),
+                   "benchmarks": {"before": before, "after": after}}
         if is_rank0():
             png = plot_curves(log.rows(), CURVES, run_dir / "curves.png", f"{r.name}: {cfg.model.name} on {cfg.data.name}")
-            _print_summary(before, after, png, cfg)
+            _print_summary(summary["before"], summary["after"], png, cfg)
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
     finally:
@@ -137,77 +141,31 @@ def _checkpoint(ckpt: CheckpointManager, step: int) -> CheckpointManager:
 
 
 def _records(cfg, run_dir: Path, tok):
-    """Rollout records under `run_dir/rollouts` (`recipe.records`; an R1 stage, which has no such
-    field, records with the defaults)."""
-    from r1mega.config.schema import RecordsConfig
+    """Rollout records under `run_dir/rollouts` (`recipe.records`)."""
     from r1mega.trainer.records import RolloutRecords
 
-    records = cfg.recipe.get("records")
-    records = RecordsConfig() if records is None else OmegaConf.to_object(records)
-    return RolloutRecords(run_dir / "rollouts", records, tok, cfg.algorithm.group_size,
+    return RolloutRecords(run_dir / "rollouts", OmegaConf.to_object(cfg.recipe.records), tok, cfg.algorithm.group_size,
                           trainer_logp=cfg.algorithm.old_logp_source == "trainer")
 
 
-def rollout_engine(cfg, tok, run_dir: Path, launch):
-    """vLLM serving `model` from a directory with its config and tokenizer (weights come by sync).
-    CPU: one engine on rank 0; GPU: every rank holds its shard (SPMD, external_launcher)."""
-    from r1mega.checkpoint.hf_mapping import hf_config
-    from r1mega.models.router_replay import router_replay_mode
-    from r1mega.rollout.vllm_engine import VLLMEngine
-
-    on_cpu = cfg.platform.device == "cpu"
-    if on_cpu and launch.rank != 0:
-        return None
-    engine_dir = run_dir / "engine"
-    if launch.local_rank == 0:
-        engine_dir.mkdir(parents=True, exist_ok=True)
-        config = dict(hf_config(cfg.model), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-        (engine_dir / "config.json").write_text(json.dumps(config, indent=2))
-        tok.save_pretrained(engine_dir)
-    if not on_cpu:
-        torch.distributed.barrier()
-    return VLLMEngine(engine_dir, cfg.rollout, device=cfg.platform.device, seed=cfg.platform.seed, load_format="dummy",
-                      return_routes=router_replay_mode(cfg) == "r3")
-
-
 def _evaluate(trainer, cfg, rows, out_dir: Path | None = None) -> dict:
-    """Held-out pass@1 (and the rest of `r1mega.eval`'s numbers) on the engine rank, shared;
-    tables and per-sample records go to `out_dir`."""
-    from r1mega.eval.report import save
-    from r1mega.eval.runner import evaluate
+    """Held-out metrics per benchmark (`r1mega.eval.report.columns`) of the policy the engine serves
+    now; with `out_dir`, saved there and reused on a restart (the model it measured is gone)."""
+    from r1mega.eval.models import evaluate_served
 
-    out = None
-    if trainer.engine is not None:
-        e = cfg.recipe.eval
-        result = evaluate(trainer.engine, trainer.tok, rows, cfg.recipe.template, k=e.k, temperature=e.temperature,
-                          top_p=e.top_p, max_tokens=e.max_tokens, seed=cfg.platform.seed,
-                          max_model_len=cfg.rollout.max_model_len)
-        if out_dir is not None:
-            save(result, out_dir)
-        flat = result.samples
-        out = {"accuracy": sum(s["correct"] for s in flat) / max(len(flat), 1),
-               "format_rate": sum(s["format"] for s in flat) / max(len(flat), 1),
-               "mean_tokens": sum(s["num_tokens"] for s in flat) / max(len(flat), 1),
-               "problems": len(flat) // e.k, "k": e.k}
-    return broadcast_object(out)
-
-
-def _cached_eval(trainer, cfg, rows, path: Path) -> dict:
-    """A resumed run reuses the eval it already did (the model it measured is gone)."""
-    if path.exists():
-        return json.loads(path.read_text())
-    result = _evaluate(trainer, cfg, rows, out_dir=path.with_suffix(""))
-    if is_rank0():
-        path.write_text(json.dumps(result))
-    return result
+    return evaluate_served(trainer.engine, trainer.tok, rows, cfg.recipe.template, cfg.recipe.eval, cfg.platform.seed,
+                           cfg.rollout.max_model_len, out_dir)
 
 
 def _print_summary(before: dict, after: dict, png: Path, cfg) -> None:
+    """The pooled held-out numbers (`r1mega.eval.report.pooled`) before and after RL."""
     e = cfg.recipe.eval
     print(f"\nheld-out eval ({before['problems']} problems x {e.k} samples, temperature {e.temperature}, "
           f"top-p {e.top_p}; seed {cfg.platform.seed}):")
-    for name, key in (("accuracy (pass@1)", "accuracy"), ("format rate", "format_rate"), ("mean tokens", "mean_tokens")):
+    for key in SUMMARY:
         b, a = before[key], after[key]
+        if b is None or a is None:  # no problem evaluated
+            continue
         scale, unit = (100, " pts") if key != "mean_tokens" else (1, "")
-        print(f"  {name:18s} before RL {b * scale:6.1f}   after RL {a * scale:6.1f}   change {(a - b) * scale:+6.1f}{unit}")
+        print(f"  {key:12s} before RL {b * scale:6.1f}   after RL {a * scale:6.1f}   change {(a - b) * scale:+6.1f}{unit}")
     print(f"curves: {png}")

@@ -1,16 +1,16 @@
 """Stage helpers shared by the multi-stage recipes (`recipe=r1`, `recipe=distill`).
 
+- `run_pending` / `stages_to_run`: the stages of a run in order, skipping the finished ones (manifest),
+  or the one `recipe.stage` selects.
+- `stage_cfg` / `rl_recipe`: the run's config with one stage's `recipe` (and `algorithm` / `optim` /
+  `reward` overlays), as `r1mega.recipes.r1_zero.rl_stage` reads it.
 - `sft_stage`: SFT of a starting model on rows (R1 output form), packed, epochs with an lr schedule,
   checkpoints (model + optimizer + scheduler) every `save_every` optimizer steps; a restarted stage resumes
   from its last checkpoint and a finished one is not redone.
-- `PolicySampler`: a frozen megatron copy of the model and a vLLM engine serving it; `load` puts a
-  checkpoint's weights into both (the engine gets them by weight sync, any training layout).
-- `rejection_sample`: `r1mega.data.rejection` (k samples per prompt, rule-accepted, readability
-  filters, dedupe, at most m per prompt, JSONL with provenance) on the engine rank.
-- `evaluate_model` / `print_eval_table`: the paper's protocol (pass@1 from k samples, cons@k) through
-  `r1mega.eval.runner.evaluate`, cached per model in the run directory, and the final table.
-- `stage_cfg`: the run's config with one stage's `recipe` (and `algorithm` / `optim` / `reward`
-  overlays), as `r1mega.recipes.r1_zero.rl_stage` reads it.
+- SFT rows: read and written (checked, on rank 0, shared with every rank).
+
+Sampling from a checkpoint (`PolicySampler`, rejection sampling) lives in `r1mega.rollout.sampler`,
+the evaluation of a stage's model and the final table in `r1mega.eval.models` / `r1mega.eval.report`.
 
 Synthetic data for the embedded CPU default: long-CoT cold-start rows from the addition task
 (`reasoning(a, b)` as the chain of thought, the sum as a `\\boxed{}` summary) and a small
@@ -19,7 +19,6 @@ non-reasoning set (answers with an empty chain of thought, as the paper does for
 from __future__ import annotations
 
 import copy
-import json
 import random
 import sys
 from dataclasses import fields
@@ -29,7 +28,7 @@ from typing import Callable, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from r1mega.config import CONF_DIR
-from r1mega.config.recipes import RejectionConfig, RLStageConfig
+from r1mega.config.recipes import RLStageConfig
 from r1mega.config.schema import ModelConfig, ParallelConfig, RLRecipeConfig, RLRunConfig
 from r1mega.data import arithmetic
 from r1mega.data.jsonl import DataError, read_jsonl, read_sft_rows, write_jsonl
@@ -250,111 +249,7 @@ def checkpoint_loader(root: str | Path) -> Callable:
     return load
 
 
-# -- sampling --------------------------------------------------------------------------------------------
-class PolicySampler:
-    """A frozen megatron model of `cfg.model` (this rank's shard) and a vLLM engine (CPU: on rank 0;
-    GPU: every rank's shard). `load(init)` loads weights into the model and syncs them into the engine;
-    `generate` runs on the engine rank and returns the outputs on every rank."""
-
-    def __init__(self, cfg: DictConfig, tok, work_dir: Path, launch):
-        from r1mega.recipes.r1_zero import rollout_engine
-        from r1mega.rollout.sync import WeightSync
-        from r1mega.trainer.engine import MegatronEngine
-
-        self.cfg, self.tok = cfg, tok
-        self.model = MegatronEngine(cfg, trainable=False)
-        self.engine = rollout_engine(cfg, tok, work_dir, launch)
-        self.sync = WeightSync(cfg.model, cfg.parallel, cfg.rollout)
-        self.loaded = None
-
-    def load(self, init: Callable, label: str) -> None:
-        init(self.model.model)
-        self.sync.sync(self.model.model, self.engine)
-        self.loaded = label
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
-
-
-def evaluate_model(sampler: PolicySampler, rows: list[dict], template: str, e, seed: int, out_dir: Path) -> dict:
-    """pass@1 / cons@k / pass@k / format / tokens per data source of the loaded model; saved under
-    `out_dir` (results.json/.md, samples.jsonl) and reused when it exists."""
-    from r1mega.eval import report
-    from r1mega.eval.runner import evaluate
-
-    cached = out_dir / "results.json"
-    if cached.exists():
-        return json.loads(cached.read_text())["metrics"]
-    metrics = None
-    if sampler.engine is not None:
-        result = evaluate(sampler.engine, sampler.tok, rows, template, k=e.k, temperature=e.temperature, top_p=e.top_p,
-                          max_tokens=e.max_tokens, seed=seed, max_model_len=sampler.cfg.rollout.max_model_len)
-        result.settings["model"] = sampler.loaded
-        report.save(result, out_dir)
-        metrics = result.metrics
-    return broadcast_object(metrics)
-
-
-def evaluate_models(cfg: DictConfig, tok, launch, models: list[tuple[str, Callable]], rows: list[dict], e,
-                    out_dir: Path, work_dir: Path) -> dict:
-    """`evaluate_model` of each (name, init) model, saved under `out_dir/name`; one engine serves them
-    all and is built only if some result is not saved yet."""
-    pending = {name for name, _ in models if not (out_dir / name / "results.json").exists()}
-    sampler = PolicySampler(cfg, tok, work_dir, launch) if pending else None
-    try:
-        results = {}
-        for name, init in models:
-            if name in pending:
-                sampler.load(init, name)
-            results[name] = evaluate_model(sampler, rows, cfg.recipe.template, e, cfg.platform.seed, out_dir / name)
-        return results
-    finally:
-        if sampler is not None:
-            sampler.close()
-
-
-def print_eval_table(title: str, entries: list[tuple[str, dict]], k: int, out_dir: Path) -> str:
-    """One line per (model, benchmark); also written to `out_dir/eval_table.md` and `.json`."""
-    cols = [("problems", "{}"), ("pass@1", "{:.3f}"), (f"cons@{k}", "{:.3f}"), (f"pass@{k}", "{:.3f}"),
-            ("format", "{:.3f}"), ("mean_tokens", "{:.1f}"), ("truncated", "{:.3f}")]
-    header = ["model", "benchmark", *(c for c, _ in cols)]
-    lines = []
-    for label, metrics in entries:
-        for bench, m in metrics.items():
-            lines.append([label, bench, *("-" if m.get(c) is None else f.format(m[c]) for c, f in cols)])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    text = "\n".join([title, fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
-    if is_rank0():
-        print("\n" + text, flush=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        md = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-              *("| " + " | ".join(line) + " |" for line in lines)]
-        (out_dir / "eval_table.md").write_text("\n".join(md) + "\n")
-        (out_dir / "eval_table.json").write_text(json.dumps({label: m for label, m in entries}, indent=2))
-    return text
-
-
-# -- rejection sampling -------------------------------------------------------------------------------
-def rejection_sample(sampler: PolicySampler, rows: list[dict], template: str, rej, reward_cfg, out_path: Path,
-                     source: str, step: Optional[int]) -> dict:
-    """`r1mega.data.rejection.rejection_sample` on the engine rank (rows too long for the engine are
-    skipped and counted); writes `out_path` (+ `rejected.jsonl` beside it); counts shared with all."""
-    from r1mega.data.rejection import rejection_sample as sample
-
-    counts = None
-    if sampler.engine is not None:
-        rcfg = OmegaConf.to_object(rej) if OmegaConf.is_config(rej) else rej
-        assert isinstance(rcfg, RejectionConfig)
-        counts = sample(sampler.engine, sampler.tok, rows, template, reward_cfg, rcfg, out_path, source=source,
-                        step=step, rejected_path=out_path.with_name("rejected.jsonl"),
-                        max_model_len=sampler.cfg.rollout.max_model_len)
-    barrier()
-    return broadcast_object(counts)
-
-
+# -- rows I/O ------------------------------------------------------------------------------------------
 def read_rows(path: str | Path) -> list[dict]:
     """SFT rows a stage wrote (rejection-sampled, distilled, mixed), checked as `load_sft_rows` does."""
     return _read_on_rank0(lambda: read_sft_rows(path))
