@@ -98,8 +98,19 @@ def _single(model: str, init_dir: str) -> dict:
     out["weighted_grads"] = {k: v / total for k, v in weighted.items()}
     out["moved"] = max((p.main_grad.abs().max().item() for _, p in engine.named_parameters()))
     if model == "tiny_moe":
+        out["infer"] = _infer_side_effects(engine, pack(samples, 1024).microbatches)
         out["colocation"] = _colocation_round_trip(engine, MegatronEngine(cfg, trainable=False))
     return out
+
+
+def _infer_side_effects(engine, microbatches) -> dict:
+    """What a forward-only pass of a trainable MoE policy leaves behind: whether its logits carried an
+    autograd graph, and whether the routers counted its tokens for the aux-loss-free bias update."""
+    routers = [m for c in engine.model for m in c.modules() if getattr(m, "local_tokens_per_expert", None) is not None]
+    before = [r.local_tokens_per_expert.clone() for r in routers]
+    graphs = engine.infer(microbatches, lambda logits, batch: logits.requires_grad)
+    return {"graphs": graphs, "routers": len(routers),
+            "counted": any(not torch.equal(b, r.local_tokens_per_expert) for b, r in zip(before, routers))}
 
 
 def _colocation_round_trip(policy, ref) -> dict:
@@ -206,6 +217,12 @@ def test_packed_equals_unpacked(single, model):
     assert r["moved"] > 1e-4  # gradients are not trivially zero
     _close_grads(r["packed_grads"], r["unpacked_grads"], f"{model} packed vs unpacked")
     _close_grads(r["packed_grads"], r["weighted_grads"], f"{model} packed vs token-weighted per-sequence")
+
+
+def test_infer_keeps_no_graph_and_no_router_counts(single):
+    """The old-policy pass runs on the trainable policy: no activations kept for a backward, and its
+    tokens stay out of the expert-bias counts (megatron counts only under grad, as in training)."""
+    assert single["tiny_moe"]["infer"] == {"graphs": [False], "routers": 3, "counted": False}
 
 
 def test_offload_hooks_run_in_colocation_order_and_round_trip_state(single):
