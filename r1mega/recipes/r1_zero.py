@@ -73,7 +73,8 @@ def rl_stage(cfg, base: Base, run_dir: Path, launch, reward_model=None) -> dict:
         log.print(f"{r.name}: {step_plan(r, cfg.algorithm, num_prompts=len(prompts)).line()}")
         if prompts.skipped:
             log.print(f"[yellow]{prompts.skipped} prompts longer than recipe.max_prompt_tokens={r.max_prompt_tokens} were skipped")
-        before = _evaluate(trainer, cfg, eval_rows, run_dir / "eval_before")
+        # A resumed run's policy has moved: its eval before RL can only be the saved one.
+        before = _evaluate(trainer, cfg, eval_rows, run_dir / "eval_before", remeasure=not start)
         interrupt.stop_point()  # the eval before RL is saved; nothing else to keep
         for step in range(start, r.rollouts):  # `step` counts rollouts (GRPO iterations)
             metrics = trainer.step(step)
@@ -148,13 +149,14 @@ def _records(cfg, run_dir: Path, tok):
                           trainer_logp=cfg.algorithm.old_logp_source == "trainer")
 
 
-def _evaluate(trainer, cfg, rows, out_dir: Path | None = None) -> dict:
+def _evaluate(trainer, cfg, rows, out_dir: Path | None = None, remeasure: bool = True) -> dict:
     """Held-out metrics per benchmark (`r1mega.eval.report.columns`) of the policy the engine serves
-    now; with `out_dir`, saved there and reused on a restart (the model it measured is gone)."""
+    now; with `out_dir`, saved there and reused on a restart with the same eval settings (other
+    settings: measured again, or with `remeasure=False` a ValueError, `evaluate_served`)."""
     from r1mega.eval.models import evaluate_served
 
     return evaluate_served(trainer.engine, trainer.tok, rows, cfg.recipe.template, cfg.recipe.eval, cfg.platform.seed,
-                           cfg.rollout.max_model_len, out_dir)
+                           cfg.rollout.max_model_len, out_dir, remeasure=remeasure)
 
 
 def _print_summary(before: dict, after: dict, png: Path, cfg) -> None:
