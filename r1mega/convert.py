@@ -120,6 +120,21 @@ def check_match(model_cfg, config_file: Path | None) -> None:
         raise ConvertError(f"model={model_cfg.name} does not match {config_file}: {fields}.")
 
 
+def check_keys(chunks, src: Path, preset: str) -> None:
+    """Raise ConvertError when the megatron checkpoint `src` does not hold the tensors of `chunks`
+    (model=`preset`): a training checkpoint has no config.json for `check_match`."""
+    from r1mega.checkpoint.distributed import model_mismatches
+
+    missing, shapes = model_mismatches(chunks, src)
+    if missing or shapes:
+        what = [f"{len(missing)} tensors missing (first: {missing[0]})"] if missing else []
+        if shapes:
+            key, saved, preset_shape = shapes[0]
+            what.append(f"{len(shapes)} shapes differ (first: {key} saved {list(saved)}, preset {list(preset_shape)})")
+        raise ConvertError(f"{src} does not hold a model={preset} checkpoint: {'; '.join(what)}; give the model= "
+                           "preset (and overrides) it was saved with.")
+
+
 def check_destination(dst: Path, force: bool) -> None:
     """Raise ConvertError when `dst` exists (unless `force`) or no directory can be written beside it."""
     occupied = dst.is_symlink() or (dst.exists() and (not dst.is_dir() or any(dst.iterdir())))
@@ -328,6 +343,7 @@ def _convert(direction: str, src: Path, dst: Path, cfg, rank0: bool) -> dict:
                     if (Path(src) / f).exists():
                         shutil.copyfile(Path(src) / f, assets / f)
         else:
+            check_keys(chunks, src, cfg.model.name)
             load_model(chunks, src)
             stream = export_stream(chunks, cfg)
             if rank0:

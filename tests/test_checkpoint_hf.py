@@ -198,6 +198,13 @@ def test_cli_round_trip_is_bit_identical(tmp_path):
         assert set(a.names()) == set(b.names())
         assert all(torch.equal(a(n), b(n)) for n in a.names())
     assert (back / "generation_config.json").exists() and (back / "model.safetensors.index.json").exists()
+    # A training checkpoint has no config.json to match the preset against: its tensors are checked.
+    (mg / "hf_assets" / "config.json").unlink()
+    out = subprocess.run([sys.executable, str(root / "tools" / "convert.py"), "megatron_to_hf", str(mg),
+                          str(tmp_path / "wrong"), "model=tiny_dense"], capture_output=True, text=True, cwd=root, timeout=120)
+    err = [line for line in out.stderr.splitlines() if line.startswith("r1mega.convert:")]
+    assert out.returncode == 2 and len(err) == 1 and "does not hold a model=tiny_dense checkpoint" in err[0], out.stderr[-3000:]
+    assert not (tmp_path / "wrong").exists()
 
 
 def _convert(*args):
