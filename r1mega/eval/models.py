@@ -80,15 +80,13 @@ def evaluate_models(cfg: DictConfig, tok, launch, models: list[tuple[str, Callab
     """`evaluate_served` of each (name, init) model, saved under `out_dir/name`; one engine serves them
     all and is built only if some result is not saved yet (with these settings)."""
     want = settings(cfg.recipe.template, e, cfg.platform.seed, cfg.rollout.max_model_len)
-    pending = {name for name, _ in models if saved_metrics(out_dir / name, want) is None}
-    sampler = PolicySampler(cfg, tok, work_dir, launch) if pending else None
+    results = {name: saved_metrics(out_dir / name, want) for name, _ in models}  # None: still to evaluate
+    sampler = PolicySampler(cfg, tok, work_dir, launch) if None in results.values() else None
     try:
-        results = {}
         for name, init in models:
-            if name in pending:
+            if results[name] is None:
                 sampler.load(init, name)
-            results[name] = evaluate_served(sampler.engine if name in pending else None, tok, rows, cfg.recipe.template,
-                                            e, cfg.platform.seed, cfg.rollout.max_model_len, out_dir / name, name)
+                results[name] = evaluate_model(sampler, rows, cfg.recipe.template, e, cfg.platform.seed, out_dir / name)
         return results
     finally:
         if sampler is not None:

@@ -117,8 +117,8 @@ def print_eval_table(title_: str, entries: list[tuple[str, dict]], k: int, out_d
     body = [[label, bench, *cells(m, k)] for label, metrics in entries for bench, m in metrics.items()]
     _print(title_, header, body, labels=2, console=console)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval_table.md").write_text(_markdown(title_, header, body))
-    (out_dir / "eval_table.json").write_text(json.dumps(dict(entries), indent=2))
+    write_text(out_dir / "eval_table.md", _markdown(title_, header, body))
+    write_text(out_dir / "eval_table.json", json.dumps(dict(entries), indent=2))
 
 
 def save(result: EvalResult, out_dir: str | Path) -> Path:
