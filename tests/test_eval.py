@@ -168,7 +168,7 @@ class ScriptedEngine(GenerateOnlyEngine):
             texts = next(v for problem, v in self.script.items() if problem in prompt)
             assert len(texts) == n
             outs.append(RequestOutput(list(ids), [
-                Completion([ord(ch) for ch in t], [0.0] * len(t), "length" if t.endswith("...") else "stop", t)
+                Completion([ord(ch) for ch in t], [0.0] * len(t), "length" if t.endswith("...") else "stop")
                 for t in texts]))
         return outs
 

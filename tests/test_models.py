@@ -197,6 +197,12 @@ def _packed_attention_both_ways(overrides: list[str]) -> dict:
     (mb,) = pack(samples, 32, pad_to_multiple=8).microbatches
     core = [m for m in engine.model[0].modules() if hasattr(m, "_causal_segments")]
     out = {"segments": core[0]._causal_segments(torch.zeros(32, 1), mb["attention_mask"], None, None)}
+    # vLLM's generation runs without the platform's CUDA-to-CPU function mode, which is back after it.
+    from torch.overrides import _get_current_function_mode
+
+    with cpu.without_cuda_rewrite():
+        out["mode_inside"] = _get_current_function_mode()
+    out["mode_after"] = type(_get_current_function_mode()).__name__
     for way in ("per_sequence", "local"):
         if way == "local":
             for m in core:
@@ -219,6 +225,7 @@ def _packed_attention_both_ways(overrides: list[str]) -> dict:
 def test_cpu_per_sequence_attention_equals_the_local_kernel(model):
     (r,) = run_distributed(_packed_attention_both_ways, 1, [f"model={model}"])
     assert r["segments"] == [(0, 7), (7, 19), (19, 25), (25, 32)]  # 3 sequences + the padding segment
+    assert r["mode_inside"] is None and r["mode_after"] == "_CudaToCpu"
     (logits, grads), (ref_logits, ref_grads) = r["per_sequence"], r["local"]
     assert (logits - ref_logits).abs().max().item() <= 1e-5
     for name, g in ref_grads.items():

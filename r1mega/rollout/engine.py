@@ -19,7 +19,6 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
-    text: str = ""
     routed_experts: torch.Tensor | None = None
 
 

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from r1mega.platform.cpu import torch_threads
+from r1mega.platform.cpu import torch_threads, without_cuda_rewrite
 from r1mega.rollout.engine import Completion, RequestOutput, RolloutEngine
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,13 @@ class VLLMEngine(RolloutEngine):
             if torch.cuda.is_available():
                 torch.cuda.manual_seed_all(seed)
         capture = self._route_capture() if return_routes else None
+        # Callers decode token ids themselves: vLLM detokenizes (every token, and each logprob's token)
+        # only for stop strings; flat logprobs skip a dict and a Logprob object per token.
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, logprobs=0,
+                                detokenize=bool(stop), flat_logprobs=True,
                                 skip_reading_prefix_cache=True if capture is not None else None)
         try:
-            with torch_threads(self._serve_threads):
+            with self._serving():
                 outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params, use_tqdm=False)
         finally:
             if capture is not None:
@@ -105,9 +108,8 @@ class VLLMEngine(RolloutEngine):
                 completions=[
                     Completion(
                         token_ids=list(c.token_ids),
-                        logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                        logprobs=_sampled_logprobs(c.token_ids, c.logprobs),
                         finish_reason=c.finish_reason,
-                        text=c.text,
                         routed_experts=self._routes(o, c, capture) if return_routes else None,
                     )
                     for c in o.outputs
@@ -155,11 +157,18 @@ class VLLMEngine(RolloutEngine):
     def prompt_logprobs(self, token_ids):
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        with torch_threads(self._serve_threads):
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False, flat_logprobs=True)
+        with self._serving():
             outs = self.llm.generate([{"prompt_token_ids": list(t)} for t in token_ids], params, use_tqdm=False)
         # prompt_logprobs[0] is None (no context); later entries hold the actual token's logprob.
-        return [[lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])] for o in outs]
+        return [_sampled_logprobs(o.prompt_token_ids[1:], o.prompt_logprobs[1:]) for o in outs]
+
+    @contextlib.contextmanager
+    def _serving(self):
+        """vLLM's thread count for generation; on CPU without r1mega's CUDA-to-CPU function mode,
+        which vLLM's CPU code does not need (`platform.cpu.without_cuda_rewrite`)."""
+        with torch_threads(self._serve_threads), without_cuda_rewrite() if self.on_cpu else contextlib.nullcontext():
+            yield
 
     # -- weights ---------------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -195,6 +204,15 @@ class VLLMEngine(RolloutEngine):
             with _private_world() if self.on_cpu else contextlib.nullcontext():
                 llm.llm_engine.engine_core.shutdown()
             del llm
+
+
+def _sampled_logprobs(token_ids, logprobs) -> list[float]:
+    """The log-probability of each token of `token_ids` from vLLM's `FlatLogprobs` of those positions
+    (`logprobs=0` / `prompt_logprobs=0`: the sampler puts the actual token first at each position)."""
+    starts = logprobs.start_indices
+    if len(starts) != len(token_ids) or any(logprobs.token_ids[i] != t for i, t in zip(starts, token_ids)):
+        raise RuntimeError("vLLM's logprobs do not list the sampled tokens first")
+    return [logprobs.logprobs[i] for i in starts]
 
 
 def _is_mla(model_dir) -> bool:
