@@ -56,6 +56,19 @@ def test_single_process_matches_full_softmax():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
 
 
+def test_logp_alone_skips_the_entropy_and_its_gradient():
+    """GRPO's loss uses the entropy only as a statistic: the backward of logp alone (entropy's gradient
+    None) and `entropy=False` give the same numbers as the full-softmax reference."""
+    logits, target, w_logp, _ = _inputs()
+    ref_logp, _, ref_grad = _reference(logits, target, w_logp, torch.zeros_like(w_logp))
+    x = logits.clone().requires_grad_()
+    logp, entropy = vocab_parallel_logprobs(x, target, TEMPERATURE)
+    (logp * w_logp).sum().backward()
+    torch.testing.assert_close(x.grad, ref_grad, atol=1e-6, rtol=1e-6)
+    only, none = vocab_parallel_logprobs(logits, target, TEMPERATURE, entropy=False)
+    assert none is None and torch.equal(only, logp.detach())
+
+
 def test_gradcheck_float64():
     logits, target, *_ = _inputs()
     logits = logits.double().requires_grad_()

@@ -25,7 +25,7 @@ def _tp_group():
 
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group):
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group, with_entropy: bool):
         local_vocab = logits.size(-1)
         rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
         start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(local_vocab, rank, world)
@@ -38,7 +38,9 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         in_shard = (target >= start) & (target < end)
         local_target = (target - start).clamp(0, local_vocab - 1)
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * in_shard
-        stats = torch.stack([exp.sum(-1), (exp * shifted).sum(-1), target_logit])
+        # vecdot: sum(exp * logit) without a [.., V] temporary.
+        sum_exp_logit = torch.linalg.vecdot(exp, shifted) if with_entropy else torch.zeros_like(target_logit)
+        stats = torch.stack([exp.sum(-1), sum_exp_logit, target_logit])
         if group is not None:
             dist.all_reduce(stats, group=group)
         sum_exp, sum_exp_logit, target_logit = stats
@@ -46,7 +48,8 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         log_z = sum_exp.log()  # of the shifted logits; logp and entropy are shift-invariant
         mean_logit = sum_exp_logit / sum_exp  # E_p[logit], shifted
         logp = target_logit - log_z
-        entropy = log_z - mean_logit
+        entropy = log_z - mean_logit if with_entropy else None
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(shifted, log_z, mean_logit, local_target, in_shard)
         return logp, entropy
 
@@ -55,25 +58,37 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         # d logp / dz_k = 1[k = target] - p_k;  d H / dz_k = -p_k (z_k - E_p[z]).
         # Both need only global scalars per token, so the local shard's gradient is local: no
         # collective here (the output layer's backward all-reduces the hidden-state gradient).
-        # Shifted logits (max 0) keep p and z - E_p[z] accurate in fp32.
+        # Shifted logits (max 0) keep p and z - E_p[z] accurate in fp32. An output used by no loss
+        # (the entropy, a statistic in GRPO) has no gradient here: None, and no pass over the vocabulary.
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None
         shifted, log_z, mean_logit, local_target, in_shard = ctx.saved_tensors
-        p = (shifted - log_z.unsqueeze(-1)).exp()
-        grad = -p * (grad_logp.unsqueeze(-1) + grad_entropy.unsqueeze(-1) * (shifted - mean_logit.unsqueeze(-1)))
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), (grad_logp * in_shard).unsqueeze(-1))
-        return grad, None, None
+        grad = (shifted - log_z.unsqueeze(-1)).exp_()  # p
+        if grad_entropy is None:
+            grad.mul_(-grad_logp.unsqueeze(-1))
+        else:
+            scale = shifted - mean_logit.unsqueeze(-1)
+            scale.mul_(grad_entropy.unsqueeze(-1))
+            if grad_logp is not None:
+                scale.add_(grad_logp.unsqueeze(-1))
+            grad.mul_(scale).neg_()
+        if grad_logp is not None:
+            grad.scatter_add_(-1, local_target.unsqueeze(-1), (grad_logp * in_shard).unsqueeze(-1))
+        return grad, None, None, None
 
 
 def vocab_parallel_logprobs(
-    logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log pi(target), entropy of pi), each `[...]`, for `logits` `[..., V/tp]` (this rank's vocab
     shard, megatron's TP group) and `target` `[...]` token ids in the full vocabulary.
 
     pi = softmax(logits / temperature): pass the sampling temperature so the log-probs match the
-    rollout's. Computed in fp32 (or fp64 if given), differentiable in both outputs. Positions whose
-    target lies outside [0, V) give meaningless values: mask them.
+    rollout's. Computed in fp32 (or fp64 if given), differentiable in both outputs. `entropy=False`
+    skips it (None in its place: one pass over the vocabulary less). Positions whose target lies
+    outside [0, V) give meaningless values: mask them.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         logits = logits / temperature
-    return _VocabParallelLogprobEntropy.apply(logits, target, _tp_group())
+    return _VocabParallelLogprobEntropy.apply(logits, target, _tp_group(), entropy)
