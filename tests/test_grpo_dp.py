@@ -107,27 +107,40 @@ def _grads(overrides: list[str]) -> dict:
     for s, a in zip(samples, group_advantages(rewards, 4).tolist()):
         s.advantage = a
     longest = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    out = {}
+    out, computed = {}, {}
     for agg in AGGS:
         trainer.algo.loss_agg = agg
         trainer.loss_cfg = trainer.algo.__class__(**{**vars(trainer.algo), "norm_length": 24})
-        # padded: one sample per microbatch; packed into 1 (whole mini-batch), 2 or 4 microbatches.
-        for layout, max_tokens in (("padded", longest), ("packed1", 4096), ("packed2", 220), ("packed4", 110)):
+        # padded: one sample per microbatch; packed into 1 (whole mini-batch), 2 or 4 microbatches;
+        # full_logits: the LM head at every position, not only where a response token is predicted.
+        for layout, max_tokens in (("padded", longest), ("packed1", 4096), ("packed2", 220), ("packed4", 110),
+                                   ("full_logits", 220)):
             trainer.cfg.recipe.train_max_tokens = max_tokens
             mb = trainer._pack(samples)
+            if layout == "full_logits":
+                for m in mb.microbatches:
+                    m["logit_index"] = None
             trainer._logprobs(trainer.policy, [mb], "old_logp")
             trainer._logprobs(trainer.ref, [mb], "ref_logp")
             trainer._update(mb)
             grads = {n: p.main_grad.detach().clone() for n, p in trainer.policy.named_parameters()}
             out[(agg, layout)] = (len(mb.microbatches), grads)
-    return {"grads": out, "dp": data_parallel()[1]}
+            # Positions without logits hold log-prob 0: exactly the prompt and padding positions.
+            computed[layout] = sum(int((m["old_logp"] != 0).sum()) for m in mb.microbatches)
+    return {"grads": out, "dp": data_parallel()[1], "computed": computed,
+            "response_positions": sum(len(s.response_ids) for s in trainer._collect(0))}
 
 
 def test_minibatch_gradient_does_not_depend_on_division():
-    (one,) = run_distributed(_grads, 1, [])
-    two = run_distributed(_grads, 2, [])
+    # With an MTP layer (DeepSeek-V3's model; its loss off, so the passes compute logits at the response
+    # positions alone, `PolicyGPTModel`'s logit_index) and against logits at every position.
+    (one,) = run_distributed(_grads, 1, MTP[:1])
+    two = run_distributed(_grads, 2, MTP[:1])
     counts = {layout: n for (agg, layout), (n, _) in one["grads"].items() if agg == "token_mean"}
     assert counts["packed1"] == 1 and counts["packed2"] == 2 and counts["packed4"] == 4 and counts["padded"] == 16
+    for r in (one, *two):  # this rank's share: a response position has a log-prob, nothing else does
+        assert r["computed"]["packed2"] < r["computed"]["full_logits"]
+    assert one["computed"]["packed2"] == one["response_positions"]
     for agg in AGGS:
         ref = one["grads"][(agg, "padded")][1]
         assert max(g.abs().max().item() for g in ref.values()) > 1e-4

@@ -160,23 +160,38 @@ class PolicyGPTModel(GPTModel):
       by `MTPLossAutoScaler`), and the main logits returned. `mtp_stats` then holds this forward's
       detached MTP NLL sum and token count over all depths;
     - `labels` alone: megatron's behaviour (per-token LM loss; with MTP, its loss over all tokens).
+
+    `logit_index` (`[n]` sorted positions of a `[1, s]` microbatch, with `labels=None`): the output
+    layer runs on those positions' hidden states only and the logits are `[1, n, V/tp]` (GRPO needs
+    log-probs only where a response token is predicted: prompt positions skip the LM head's matmul
+    and the softmax passes, as TRL's `logits_to_keep`). Ignored, logits `[1, s, V/tp]`, where the
+    hidden states are sharded along the sequence (sequence or context parallelism).
     """
 
     _logits_with_mtp_loss = False
     _main_labels = None
     _mtp_nll = None
+    _logit_index = None
     mtp_stats: dict | None = None
 
-    def forward(self, *args, mtp_loss_mask=None, **kwargs):
-        if mtp_loss_mask is None:
-            return super().forward(*args, **kwargs)
-        self._logits_with_mtp_loss, self._mtp_nll = True, []
+    def forward(self, *args, mtp_loss_mask=None, logit_index=None, **kwargs):
+        self._logit_index = logit_index
         try:
-            return super().forward(*args, loss_mask=mtp_loss_mask, **kwargs)
+            if mtp_loss_mask is None:
+                return super().forward(*args, **kwargs)
+            self._logits_with_mtp_loss, self._mtp_nll = True, []
+            try:
+                return super().forward(*args, loss_mask=mtp_loss_mask, **kwargs)
+            finally:
+                self._logits_with_mtp_loss, self._mtp_nll = False, None
         finally:
-            self._logits_with_mtp_loss, self._mtp_nll = False, None
+            self._logit_index = None
 
     def _postprocess(self, *args, **kw):
+        if (self._logit_index is not None and kw["labels"] is None and self.post_process
+                and not self.config.sequence_parallel and self.config.context_parallel_size == 1):
+            hidden = kw["hidden_states"]  # [s, 1, h] -> [n, 1, h]
+            kw["hidden_states"] = hidden.index_select(0, self._logit_index.to(hidden.device))
         if self.config.mtp_num_layers is None or not self.mtp_process:
             return super()._postprocess(*args, **kw)
         if kw["labels"] is None:

@@ -114,7 +114,9 @@ class MegatronEngine:
         mtp_mask_key: str = "loss_mask",
     ) -> list[dict]:
         """Run megatron's schedule over `microbatches` (dicts of [b, s] tensors: tokens, position_ids,
-        optional attention_mask / packed_seq_params (`r1mega.data.packing`) and labels). Returns the metrics dicts of the last pipeline stage.
+        optional attention_mask / packed_seq_params (`r1mega.data.packing`) and labels; optional
+        `logit_index`, `[n]` positions whose logits alone the model computes in a pass without
+        labels, `PolicyGPTModel`). Returns the metrics dicts of the last pipeline stage.
 
         MTP loss: with `mtp_loss_coef` > 0 on a model with MTP layers, in a training pass, the step's
         loss gains `mtp_loss_coef` x the MTP NLL (mean over depths) averaged over the step's MTP loss
@@ -156,8 +158,8 @@ class MegatronEngine:
     def infer(self, microbatches: list[dict], fn: Callable[[torch.Tensor, dict], Any]) -> list:
         """Forward-only passes (eval mode, no loss, no backward) over `microbatches` (as
         `forward_backward` takes them): `fn(output, batch)` per microbatch, in order, on the last
-        pipeline stage (the model's output there: [b, s, vocab / TP] logits, or the reward model's
-        [b, s] values); [] on other stages.
+        pipeline stage (the model's output there: [b, s, vocab / TP] logits, [b, n, vocab / TP] at a
+        microbatch's `logit_index`, or the reward model's [b, s] values); [] on other stages.
 
         Under `torch.no_grad()`: a trainable model would otherwise keep every layer's activations
         for a backward that never comes (eval mode also disables full recompute), and megatron's
@@ -280,6 +282,8 @@ def _view(storage: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
 
 
 def _model_forward(model, batch: dict, labels=None, **extra):
+    if labels is None and batch.get("logit_index") is not None:  # PolicyGPTModel: logits at these positions
+        extra["logit_index"] = batch["logit_index"]
     return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels,
                  packed_seq_params=batch.get("packed_seq_params"), **extra)
 

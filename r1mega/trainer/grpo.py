@@ -260,6 +260,7 @@ class GRPOTrainer:
             mb["placement"] = place or [(-1, 0, mb["tokens"].shape[1])]
             mb["advantages"] = torch.tensor([samples[i].advantage if i >= 0 else 0.0 for i, _, _ in mb["placement"]])
             mb["normalizer"] = normalizer
+            mb["logit_index"] = _response_positions(mb["placement"], samples)
             if self.router_replay == "r3":
                 mb["routes"] = pack_routes([s.routes for s in samples], mb["placement"], mb["tokens"].shape[1],
                                            *route_shape(self.policy.model))
@@ -274,7 +275,7 @@ class GRPOTrainer:
         temperature = self.cfg.recipe.temperature
 
         def logprobs(logits, batch):
-            return vocab_parallel_logprobs(logits, batch["target"], temperature)[0].detach()
+            return _token_logprobs(logits, batch, temperature, entropy=False)[0].detach()
 
         for mb in minibatches:
             for micro, logp in zip(mb.microbatches, engine.infer(mb.microbatches, logprobs)):
@@ -349,7 +350,7 @@ class GRPOTrainer:
     def _loss(self, logits: torch.Tensor, batch: dict):
         """This microbatch's share of the mini-batch loss (divided by the global normaliser; megatron
         sums shares over microbatches and DP ranks, see `MegatronEngine`) and its stats."""
-        logp, entropy = vocab_parallel_logprobs(logits, batch["target"], self.cfg.recipe.temperature)
+        logp, entropy = _token_logprobs(logits, batch, self.cfg.recipe.temperature)
         place = batch["placement"]
         padded = lambda x: segments_to_padded(x, place)  # noqa: E731  [num_seqs, longest]
         batch.setdefault("old_logp", logp.detach())  # an on-policy mini-batch: pi_old is this forward
@@ -424,6 +425,24 @@ class GRPOTrainer:
         m["throughput/rollout_tokens_per_s"] = generated / max(t.get("rollout_and_reward", 0.0), 1e-9)
         m["throughput/train_tokens_per_s"] = real * self.algo.ppo_epochs / max(t.get("train", 0.0), 1e-9)
         return m
+
+
+def _response_positions(placement: list[tuple[int, int, int]], samples: list[Sample]) -> torch.Tensor | None:
+    """[n] positions of a packed row whose next token is a response token (a sequence at [start,
+    start + len) predicts its response at [start + len(prompt) - 1, start + len - 1)): where the
+    GRPO passes need log-probs (`PolicyGPTModel`'s `logit_index`); None for a padding-only row."""
+    spans = [torch.arange(start + len(samples[i].prompt_ids) - 1, start + n - 1) for i, start, n in placement if i >= 0]
+    return torch.cat(spans) if spans else None
+
+
+def _token_logprobs(logits: torch.Tensor, batch: dict, temperature: float, entropy: bool = True):
+    """`vocab_parallel_logprobs` of `batch["target"]` as `[1, T]` rows: from logits of all T positions
+    (`[1, T, V/tp]`), or of the positions `batch["logit_index"]` alone (`[1, n, V/tp]`), the others 0."""
+    target, index = batch["target"], batch.get("logit_index")
+    if index is None or logits.size(1) == target.size(1):
+        return vocab_parallel_logprobs(logits, target, temperature, entropy)
+    values = vocab_parallel_logprobs(logits, target.index_select(1, index), temperature, entropy)
+    return tuple(None if v is None else v.new_zeros(target.shape).index_copy(1, index, v) for v in values)
 
 
 def _split(samples: list[Sample], parts: int, group_size: int) -> list[list[Sample]]:
