@@ -7,7 +7,8 @@ tokens, +-3) and a `--response`-token response, random ids (seed 0). Each side c
 log-probs of the response tokens and back-propagates their sum, the way its trainer does:
 
 - r1mega: `r1mega.data.packing.pack` into microbatches of `--max-tokens` (the CPU default's
-  `recipe.train_max_tokens`), `MegatronEngine.forward_backward` with `vocab_parallel_logprobs`;
+  `recipe.train_max_tokens`), `MegatronEngine.forward_backward` with the GRPO trainer's log-probs
+  (logits at the response positions alone, `logit_index`);
 - transformers: one left-padded batch, logits of the response positions only (TRL's
   `logits_to_keep`), log-softmax gather.
 
@@ -41,13 +42,13 @@ def batch(vocab: int, samples: int, prompt: int, response: int) -> list[tuple[to
 
 def r1mega_side(hf_dir: Path, seqs, max_tokens: int):
     """A closure running one forward + backward of r1mega's trainer path."""
-    from r1mega.algorithms.logprobs import vocab_parallel_logprobs
     from r1mega.checkpoint import hf_io
     from r1mega.checkpoint.hf_mapping import load_hf_tensors
     from r1mega.config import compose
     from r1mega.data.packing import pack
     from r1mega.parallel.state import init_distributed
     from r1mega.trainer.engine import MegatronEngine
+    from r1mega.trainer.grpo import _token_logprobs
 
     sys.path.insert(0, str(ROOT / "tools" / "bench"))
     from grpo_vs_trl import MODEL
@@ -63,9 +64,11 @@ def r1mega_side(hf_dir: Path, seqs, max_tokens: int):
         mask[p:] = 1
         samples.append({"tokens": ids, "target": ids.roll(-1), "mask": mask.roll(-1)})
     micro = pack(samples, max_tokens).microbatches
+    for m in micro:
+        m["logit_index"] = m["mask"][0].nonzero().squeeze(-1)
 
     def loss_fn(logits, b):
-        logp, _ = vocab_parallel_logprobs(logits, b["target"])
+        logp, _ = _token_logprobs(logits, b, 1.0)
         return -(logp * b["mask"]).sum(), torch.tensor(1), {}
 
     def run():
