@@ -243,3 +243,58 @@ def test_on_policy_minibatch_skips_the_old_policy_pass_and_updates_identically(o
         assert fast["metrics"][key] == pytest.approx(full["metrics"][key], rel=1e-6, abs=1e-7), key
     assert ("time/old_logp" in fast["metrics"]) == (overrides[0] != "algorithm.num_mini_batches=1")
     assert "moe/load_max_over_mean" in fast["metrics"]
+
+
+def _shared_prompt_passes(overrides: list[str]) -> dict:
+    """Reference log-probs and the update's gradient (lr 0) of a mini-batch of 4 groups x 4 outputs of
+    one prompt each, packed whole and with each group's prompt laid out once (`recipe.share_prompts`)."""
+    from r1mega.algorithms import group_advantages
+    from r1mega.trainer.grpo import Sample
+    from r1mega.trainer.records import _trainer_logprobs
+
+    trainer = _trainer(["model=tiny_dense", "algorithm.num_mini_batches=1", "optim.lr=0",
+                        "parallel.use_distributed_optimizer=false", *overrides])
+    trainer.cfg.recipe.train_max_tokens = 120  # several microbatches
+    trainer.loss_cfg = trainer.algo.__class__(**{**vars(trainer.algo), "norm_length": 24})
+    trainer.colocation.to_training()
+    g = torch.Generator().manual_seed(5)
+    samples = []
+    for grp in range(4):
+        prompt = torch.randint(1, trainer.cfg.model.vocab_size, (5 + 2 * grp,), generator=g).tolist()
+        for j in range(4):
+            r = 6 + (5 * grp + 3 * j) % 13
+            response = torch.randint(1, trainer.cfg.model.vocab_size, (r,), generator=g).tolist()
+            reward = float((grp + j) % 3 == 0)
+            samples.append(Sample(grp, prompt, response, (-torch.rand(r, generator=g)).tolist(), j == 3,
+                                  {"total": reward, "accuracy": reward}))
+    for s, a in zip(samples, group_advantages(torch.tensor([s.scores["total"] for s in samples]), 4).tolist()):
+        s.advantage = a
+    out = {}
+    for share in (False, True):
+        trainer.cfg.recipe.share_prompts = share
+        mb = trainer._pack(samples)
+        trainer._logprobs(trainer.ref, [mb], "ref_logp")
+        ref = {k: v.clone() for k, v in _trainer_logprobs(samples, [samples], [mb]).items()}  # old_logp's reader
+        for m in mb.microbatches:
+            m["old_logp"] = m["ref_logp"]
+        trainer._update(mb)
+        out[share] = {"grads": {n: p.main_grad.detach().clone() for n, p in trainer.policy.named_parameters()},
+                      "ref_logp": _trainer_logprobs(samples, [samples], [mb]), "tokens": mb.real_tokens}
+        assert all(torch.equal(out[share]["ref_logp"][k], v) for k, v in ref.items())
+    return out
+
+
+def test_shared_prompts_give_the_same_logprobs_and_gradient_with_fewer_tokens():
+    (one,) = run_distributed(_shared_prompt_passes, 1, [])
+    two = run_distributed(_shared_prompt_passes, 2, [])
+    whole = one[False]
+    assert max(g.abs().max().item() for g in whole["grads"].values()) > 1e-4
+    assert sorted(whole["ref_logp"]) == list(range(16))
+    # 4 groups x 3 prompts of 5, 7, 9, 11 tokens not repeated, less nothing: 3 x (4 + 6 + 8 + 10) fewer
+    assert one[True]["tokens"] == whole["tokens"] - 3 * (4 + 6 + 8 + 10)
+    for r in (one, *two):
+        shared = r[True]
+        for k, v in shared["ref_logp"].items():
+            assert (v - whole["ref_logp"][k]).abs().max().item() <= 1e-5, k
+        for n, g in shared["grads"].items():
+            assert (g - whole["grads"][n]).abs().max().item() <= 1e-6, n

@@ -224,7 +224,7 @@ def _packed_attention_both_ways(overrides: list[str]) -> dict:
 @pytest.mark.parametrize("model", ["tiny_dense", "tiny_moe"])  # GQA; MLA (value head dim != query's)
 def test_cpu_per_sequence_attention_equals_the_local_kernel(model):
     (r,) = run_distributed(_packed_attention_both_ways, 1, [f"model={model}"])
-    assert r["segments"] == [(0, 7), (7, 19), (19, 25), (25, 32)]  # 3 sequences + the padding segment
+    assert r["segments"] == [(0, 7, 0, 0), (7, 19, 7, 7), (19, 25, 19, 19), (25, 32, 25, 25)]  # 3 + padding
     assert r["mode_inside"] is None and r["mode_after"] == "_CudaToCpu"
     (logits, grads), (ref_logits, ref_grads) = r["per_sequence"], r["local"]
     assert (logits - ref_logits).abs().max().item() <= 1e-5

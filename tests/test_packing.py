@@ -94,3 +94,24 @@ def test_packing_efficiency_of_the_embedded_default_step():
             packed = pack_dp_share(_samples(lengths), r.train_max_tokens, 0, 1, group_size=algo.group_size)
             real, total = real + packed.real_tokens, total + packed.total_tokens
     assert real / total >= 0.95, real / total
+
+
+def test_shared_prompts_lay_each_group_prompt_out_once():
+    from r1mega.data.packing import pack_shared_prompts
+
+    def sample(prompt, response):
+        t = torch.tensor(prompt + response)
+        return {"tokens": t, "mask": torch.tensor([0.0] * (len(prompt) - 1) + [1.0] * len(response) + [0.0])}
+
+    samples = [sample([5, 6, 7], [1, 2]), sample([5, 6, 7], [3]), sample([8, 9], [4, 4, 4]), sample([8, 9], [2])]
+    (mb,), (place,) = (p := pack_shared_prompts(samples, [3, 3, 2, 2], 2, 16)).microbatches, p.placement
+    assert mb["tokens"].tolist() == [[5, 6, 7, 1, 2, 7, 3, 8, 9, 4, 4, 4, 9, 2]]
+    assert mb["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 3, 4, 1, 2]]
+    assert mb["mask"].tolist() == [[0, 0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 0]]
+    assert place == [(0, 2, 3), (1, 5, 2), (2, 8, 4), (3, 12, 2)] and (p.real_tokens, p.total_tokens) == (14, 14)
+    allowed = ~mb["attention_mask"][0, 0]
+    assert allowed[6].nonzero().flatten().tolist() == [0, 1, 5, 6]  # prefix, then its own segment
+    assert allowed[13].nonzero().flatten().tolist() == [7, 12, 13]
+    assert allowed[4].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="samples 0..1 do not share one prompt"):
+        pack_shared_prompts([samples[0], sample([5, 6, 0], [1])], [3, 3], 2, 16)

@@ -254,6 +254,9 @@ class RLRunConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     train_max_tokens: int = 67584  # tokens per packed training microbatch (>= prompt + longest response)
+    # Each group's prompt computed once in the reference, old-policy and update passes (CPU attention
+    # path, RoPE models): same log-probs and gradients, (group_size - 1) x prompt tokens fewer per group.
+    share_prompts: bool = False
     save_every: int = 50  # rollouts between checkpoints
     keep_last: int = 2
     offload_reference: bool = False  # keep the reference model in host memory between uses (CPU: copies, same bookkeeping)

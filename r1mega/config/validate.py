@@ -716,6 +716,26 @@ def _rl_problems(r, where: str, algo, rollout, model, sp_pad: int) -> list[str]:
     return p
 
 
+def _share_prompts_problems(r, where: str, algo, cfg) -> list[str]:
+    """`share_prompts` lays a group's prompt out once; the layers that read positions or the packed row
+    must handle that layout (`r1mega.data.packing.pack_shared_prompts`)."""
+    if not getattr(r, "share_prompts", False):
+        return []
+    at, why = f"{where}.share_prompts=true", []
+    if cfg.platform.transformer_engine:
+        why.append("platform.transformer_engine=true (TE's packed attention has no shared-prompt mask)")
+    if cfg.model.multi_latent_attention:
+        why.append(f"model={cfg.model.name} (MLA computes its rotary embedding by packed index)")
+    if cfg.parallel.context_parallel_size > 1:
+        why.append(f"parallel.context_parallel_size={cfg.parallel.context_parallel_size}")
+    if algo is not None and algo.mtp_loss_coef > 0 and cfg.model.mtp_num_layers:
+        why.append(f"{where if where != 'recipe' else 'algorithm'}.mtp_loss_coef={algo.mtp_loss_coef} (the MTP "
+                   f"loss rolls labels along the packed row)")
+    if algo is not None and algo.router_replay == "r3":
+        why.append("algorithm.router_replay=r3 (the engine's routes are laid out per whole sequence)")
+    return [f"{at} is not supported with {'; '.join(why)}."] if why else []
+
+
 def _length_problems(cfg) -> list[str]:
     """Lengths an engine or the trainer would silently clamp, skip or overrun: prompt + response
     against vLLM's `max_model_len` and the training microbatch, and `max_model_len` against the
@@ -734,12 +754,13 @@ def _length_problems(cfg) -> list[str]:
     algo, par = getattr(cfg, "algorithm", None), getattr(cfg, "parallel", None)
     sp_pad = par.tensor_model_parallel_size if par is not None and par.sequence_parallel else 1
     if hasattr(r, "prompts_per_rollout"):  # recipe=r1_zero (an RLRecipeConfig)
-        p += _rl_problems(r, "recipe", algo, rollout, model, sp_pad)
+        p += _rl_problems(r, "recipe", algo, rollout, model, sp_pad) + _share_prompts_problems(r, "recipe", algo, cfg)
     for stage in ("rl_reasoning", "rl_all"):  # recipe=r1's GRPO stages, their algorithm merged for the stage
         st = getattr(r, stage, None)
         if st is not None:
             st_algo = OmegaConf.merge(algo, st.algorithm) if algo is not None and OmegaConf.is_config(algo) else algo
             p += _rl_problems(st, f"recipe.{stage}", st_algo, rollout, model, sp_pad)
+            p += _share_prompts_problems(st, f"recipe.{stage}", st_algo, cfg)
     # Sampling without a prompt limit of its own (rejection sampling, distillation, final evals): the
     # engine skips every prompt that does not leave `max_tokens`; the RL stages' prompt limit is the budget.
     budget = getattr(getattr(r, "rl_reasoning", None), "max_prompt_tokens", 1)

@@ -100,6 +100,78 @@ def block_causal_mask(lengths: list[int], total: int) -> torch.Tensor:
     return ~allowed[None, None]
 
 
+def shared_prefix_mask(segments: list[tuple[int, int, int, int]], total: int) -> torch.Tensor:
+    """[1, 1, T, T] bool, True where attention is forbidden, for `segments` (start, end, prefix_start,
+    prefix_end): each token sees its own segment causally and the whole of its segment's prefix range
+    (empty when prefix_start == prefix_end). Padding after the last segment forms its own segment."""
+    lengths = [b - a for a, b, _, _ in segments]
+    allowed = ~block_causal_mask(lengths, total)[0, 0]
+    for a, b, pa, pb in segments:
+        allowed[a:b, pa:pb] = True
+    return ~allowed[None, None]
+
+
+def pack_shared_prompts(
+    samples: list[dict[str, torch.Tensor]],
+    prompt_lengths: list[int],
+    group_size: int,
+    max_tokens: int,
+    pad_to_multiple: int = 1,
+    min_microbatches: int = 1,
+    pad_id: int = 0,
+) -> Packed:
+    """`pack` for groups of `group_size` consecutive samples that start with the same prompt (GRPO's
+    outputs of one prompt): each group's prompt but its last token is laid out once (the prefix,
+    positions 0 .. p-2), then each sample's last prompt token and response (its segment, positions p-1
+    ..), attending to the prefix and causally to itself. Same log-probs as `pack` at every response
+    position, with (group_size - 1) x (p - 1) tokens fewer per group. Prefix positions carry the
+    first sample's fields; placement is each sample's segment (start, length in tokens); microbatches
+    carry `position_ids` (the RoPE positions, `PolicyGPTModel`'s `rope_positions`) and the mask as
+    `shared_prefix_mask`. Raises ValueError as `pack` does (for a group: its tokens), and for a group
+    whose samples do not share the prompt."""
+    if not samples or len(samples) % group_size or len(prompt_lengths) != len(samples):
+        raise ValueError(f"pack_shared_prompts: {len(samples)} samples, {len(prompt_lengths)} prompt lengths: "
+                         f"need whole groups of {group_size}")
+    groups = [list(range(g, g + group_size)) for g in range(0, len(samples), group_size)]
+    for grp in groups:
+        p = prompt_lengths[grp[0]]
+        head = samples[grp[0]]["tokens"][:p]
+        if any(prompt_lengths[i] != p or not torch.equal(samples[i]["tokens"][:p], head) for i in grp):
+            raise ValueError(f"pack_shared_prompts: samples {grp[0]}..{grp[-1]} do not share one prompt")
+    lengths = [prompt_lengths[grp[0]] - 1 + sum(len(samples[i]["tokens"]) - prompt_lengths[i] + 1 for i in grp)
+               for grp in groups]
+    _check(lengths, max_tokens, pad_to_multiple, "pack_shared_prompts")
+    bins = _bins(lengths, max_tokens, min_microbatches)
+    total = -(-max(sum(lengths[g] for g in b) for b in bins) // pad_to_multiple) * pad_to_multiple
+    microbatches, placement = [], []
+    for b in bins:
+        parts, positions, segments, place, at = [], [], [], [], 0
+        for g in b:
+            first, p = groups[g][0], prompt_lengths[groups[g][0]]
+            parts.append({k: v[:p - 1] for k, v in samples[first].items()})
+            positions.append(torch.arange(p - 1))
+            prefix, at = (at, at + p - 1), at + p - 1
+            if p > 1:
+                segments.append((*prefix, prefix[0], prefix[0]))
+            for i in groups[g]:
+                n = len(samples[i]["tokens"]) - p + 1
+                parts.append({k: v[p - 1:] for k, v in samples[i].items()})
+                positions.append(torch.arange(p - 1, p - 1 + n))
+                segments.append((at, at + n, *prefix))
+                place.append((i, at, n))
+                at += n
+        fields = {k: torch.cat([*(part[k] for part in parts),
+                                torch.full((total - at,), pad_id if k == "tokens" else 0, dtype=like.dtype)])[None]
+                  for k, like in samples[0].items()}
+        fields["position_ids"] = torch.cat([*positions, torch.arange(total - at)])[None]
+        fields["rope_positions"] = fields["position_ids"]
+        fields["attention_mask"] = shared_prefix_mask(segments, total)
+        fields["attention_mask"]._r1mega_layout = segments + ([(at, total, at, at)] if total > at else [])
+        microbatches.append(fields)
+        placement.append(place)
+    return Packed(microbatches, placement, sum(lengths), total * len(bins))
+
+
 def pack(
     samples: list[dict[str, torch.Tensor]],
     max_tokens: int,
@@ -179,24 +251,40 @@ def pack_dp_share(
     pad_to_multiple: int = 1,
     thd: bool = False,
     min_microbatches: int = 1,
+    prompt_lengths: list[int] | None = None,
 ) -> Packed:
     """Data-parallel rank `dp_rank`'s share of `samples` (`dp_shares`: whole groups, balanced by
     tokens), packed into as many microbatches as the rank that needs the most (expert-parallel
     all-to-alls pair microbatches across DP ranks), padding-only ones where needed. Placement indices
     refer to `samples`; a rank with no sample packs one all-zero token of index -1 (zero it out of
-    the loss by its zero mask). Raises ValueError without samples and as `pack` does (the index is
+    the loss by its zero mask). With `prompt_lengths` (one per sample) each group's prompt is laid out
+    once (`pack_shared_prompts`). Raises ValueError without samples and as `pack` does (the index is
     the sample's in `samples`), on every rank alike."""
     if not samples:
         raise ValueError("pack_dp_share: no samples")
     lengths = [len(s["tokens"]) for s in samples]
     _check(lengths, max_tokens, pad_to_multiple, "pack_dp_share")
     shares = dp_shares(lengths, group_size, dp)
-    count = max(num_microbatches([lengths[i] for i in share], max_tokens, min_microbatches, pad_to_multiple)
-                for share in shares)
+    if prompt_lengths is not None:
+        if thd:
+            raise ValueError("pack_dp_share: shared prompts need the local attention mask (thd=False)")
+
+        def shared(share, count=1):
+            return pack_shared_prompts([samples[i] for i in share], [prompt_lengths[i] for i in share], group_size,
+                                       max_tokens, pad_to_multiple=pad_to_multiple, min_microbatches=count)
+
+        count = max(len(shared(share).microbatches) if share else min_microbatches for share in shares)
+        count = max(count, min_microbatches)
+    else:
+        count = max(num_microbatches([lengths[i] for i in share], max_tokens, min_microbatches, pad_to_multiple)
+                    for share in shares)
     mine = shares[dp_rank]
     parts = [samples[i] for i in mine] or [{k: v[:1] * 0 for k, v in samples[0].items()}]
     index = mine or [-1]
-    packed = pack(parts, max_tokens, pad_to_multiple=pad_to_multiple, thd=thd, min_microbatches=count)
+    if prompt_lengths is not None and mine:
+        packed = shared(mine, count)
+    else:
+        packed = pack(parts, max_tokens, pad_to_multiple=pad_to_multiple, thd=thd, min_microbatches=count)
     packed.placement = [[(index[i], start, n) for i, start, n in place] for place in packed.placement]
     if not mine:
         packed.real_tokens = 0

@@ -166,16 +166,25 @@ class PolicyGPTModel(GPTModel):
     log-probs only where a response token is predicted: prompt positions skip the LM head's matmul
     and the softmax passes, as TRL's `logits_to_keep`). Ignored, logits `[1, s, V/tp]`, where the
     hidden states are sharded along the sequence (sequence or context parallelism).
+
+    `rope_positions` (`[1, s]`): rotary embeddings at these positions instead of the packed index
+    (megatron's RoPE sees only position differences inside a packed sequence; a shared prompt,
+    `r1mega.data.packing.pack_shared_prompts`, is followed by segments that continue its positions).
+    ValueError for models with their own rotary (MLA) or other position embeddings.
     """
 
     _logits_with_mtp_loss = False
     _main_labels = None
     _mtp_nll = None
     _logit_index = None
+    _rope_positions = None
     mtp_stats: dict | None = None
 
-    def forward(self, *args, mtp_loss_mask=None, logit_index=None, **kwargs):
-        self._logit_index = logit_index
+    def forward(self, *args, mtp_loss_mask=None, logit_index=None, rope_positions=None, **kwargs):
+        if rope_positions is not None and (self.position_embedding_type != "rope" or self.config.multi_latent_attention):
+            raise ValueError(f"rope_positions: the model's positions are {self.position_embedding_type}"
+                             f"{' (MLA, its own rotary)' if self.config.multi_latent_attention else ''}, not megatron's RoPE")
+        self._logit_index, self._rope_positions = logit_index, rope_positions
         try:
             if mtp_loss_mask is None:
                 return super().forward(*args, **kwargs)
@@ -185,7 +194,15 @@ class PolicyGPTModel(GPTModel):
             finally:
                 self._logits_with_mtp_loss, self._mtp_nll = False, None
         finally:
-            self._logit_index = None
+            self._logit_index = self._rope_positions = None
+
+    def _preprocess(self, *args, **kw):
+        out = super()._preprocess(*args, **kw)
+        if self._rope_positions is None:
+            return out
+        positions = self._rope_positions.reshape(-1)  # [s]: one packed row
+        emb = self.rotary_pos_emb(int(positions.max()) + 1)  # [max position + 1, 1, 1, dim]
+        return (out[0], emb.index_select(0, positions.to(emb.device)), *out[2:])
 
     def _postprocess(self, *args, **kw):
         if (self._logit_index is not None and kw["labels"] is None and self.post_process

@@ -187,7 +187,7 @@ def _local_modules():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from r1mega.data.packing import block_causal_mask
+    from r1mega.data.packing import shared_prefix_mask
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     class CPUDotProductAttention(DotProductAttention):
@@ -202,7 +202,9 @@ def _local_modules():
           unfused mask/scale/softmax passes. Here each packed sequence gets its own causal
           `scaled_dot_product_attention` (torch's fused CPU kernel). Same maths: the local kernel's
           masked scores get weight exp(-10000) = 0 in fp32; other cases (dropout, softmax offsets,
-          sliding windows, batch > 1, other masks) keep the local kernel."""
+          sliding windows, batch > 1, other masks) keep the local kernel. A shared-prompt layout
+          (`r1mega.data.packing.pack_shared_prompts`) gives each segment its prompt's keys and values
+          ahead of its own, with the causal mask shifted past them."""
 
         def __init__(self, config, *args, k_channels=None, v_channels=None, **kwargs):
             super().__init__(config, *args, **kwargs)
@@ -217,18 +219,25 @@ def _local_modules():
                 return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
             # [s, 1, heads, dim] -> [1, heads, s, dim]; GQA groups broadcast inside SDPA.
             # `split` (not slicing): its backward is one cat, a slice's a zero-filled full-size tensor each.
-            lengths = [b - a for a, b in segments]
+            lengths = [b - a for a, b, _, _ in segments]
             q, k, v = (t.permute(1, 2, 0, 3).split(lengths, dim=2) for t in (query, key, value))
-            context = torch.cat([
-                torch.nn.functional.scaled_dot_product_attention(
-                    qs, ks, vs, is_causal=True, scale=self.softmax_scale, enable_gqa=qs.size(1) != ks.size(1))
-                for qs, ks, vs in zip(q, k, v)
-            ], dim=2)
-            return context.permute(2, 0, 1, 3).reshape(query.size(0), 1, self.hidden_size_per_partition)
+            starts = {a: j for j, (a, _, _, _) in enumerate(segments)}
+            context = []
+            for (a, b, pa, pb), qs, ks, vs in zip(segments, q, k, v):
+                mask = None
+                if pb > pa:  # a shared prompt (data.packing.pack_shared_prompts): its keys, then causal
+                    ks, vs = torch.cat([k[starts[pa]], ks], dim=2), torch.cat([v[starts[pa]], vs], dim=2)
+                    mask = torch.ones(b - a, ks.size(2), dtype=torch.bool).tril(pb - pa)
+                context.append(torch.nn.functional.scaled_dot_product_attention(
+                    qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+                    enable_gqa=qs.size(1) != ks.size(1)))
+            return torch.cat(context, dim=2).permute(2, 0, 1, 3).reshape(query.size(0), 1, self.hidden_size_per_partition)
 
-        def _causal_segments(self, query, mask, bias, packed_seq_params) -> list[tuple[int, int]] | None:
-            """[(start, end)] token ranges of a block-diagonal causal `mask` ([1, 1, s, s] bool, True =
-            masked), or None where the fast path does not apply. Checked once per mask (cached on it)."""
+        def _causal_segments(self, query, mask, bias, packed_seq_params) -> list[tuple[int, int, int, int]] | None:
+            """[(start, end, prefix start, prefix end)] of the sequences of a block-diagonal causal `mask`
+            ([1, 1, s, s] bool, True = masked; prefixes empty), or of the layout a shared-prompt mask
+            carries (`_r1mega_layout`), or None where the fast path does not apply. Checked once per
+            mask (cached on it)."""
             if (bias is not None or packed_seq_params is not None or query.size(1) != 1
                     or self.softmax_offset is not None or self.scale_mask_softmax.window_size is not None
                     or self.config.apply_query_key_layer_scaling
@@ -236,14 +245,16 @@ def _local_modules():
                 return None
             s = query.size(0)
             if mask is None:
-                return [(0, s)] if self.attn_mask_type == AttnMaskType.causal else None
+                return [(0, s, 0, 0)] if self.attn_mask_type == AttnMaskType.causal else None
             if mask.dtype != torch.bool or tuple(mask.shape) != (1, 1, s, s):
                 return None
             cached = getattr(mask, "_r1mega_segments", None)
             if cached is None:
-                starts = [0, *(torch.nonzero(mask[0, 0].diagonal(-1)).flatten() + 1).tolist()]
-                cached = list(zip(starts, [*starts[1:], s]))
-                if not torch.equal(block_causal_mask([b - a for a, b in cached], s), mask):
+                cached = getattr(mask, "_r1mega_layout", None)
+                if cached is None:
+                    starts = [0, *(torch.nonzero(mask[0, 0].diagonal(-1)).flatten() + 1).tolist()]
+                    cached = [(a, b, a, a) for a, b in zip(starts, [*starts[1:], s])]
+                if not torch.equal(shared_prefix_mask(cached, s), mask):
                     cached = []  # some other mask: the local kernel
                 mask._r1mega_segments = cached
             return cached or None

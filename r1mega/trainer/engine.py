@@ -88,21 +88,24 @@ class MegatronEngine:
         self.model = chunks
         self._offloaded: list[tuple[torch.Tensor, torch.device]] = []  # weights in host memory, their device
 
-    def pack(self, samples: list[dict], max_tokens: int, group_size: int = 1, dp_share: bool = True) -> Packed:
+    def pack(self, samples: list[dict], max_tokens: int, group_size: int = 1, dp_share: bool = True,
+             prompt_lengths: list[int] | None = None) -> Packed:
         """`samples` (dicts of 1-D per-token tensors) packed into microbatches of at most `max_tokens`
         tokens for this engine's layout: rows padded to a multiple of the TP size under sequence
         parallelism, at least as many microbatches as pipeline stages, boundaries as THD
         `packed_seq_params` on Transformer Engine (else block-causal masks). `dp_share`: this DP rank's
         share only (`r1mega.data.packing.pack_dp_share`: whole groups of `group_size` samples, balanced
         by tokens; the training passes); False: all of them on every rank (a collective scorer).
-        Raises ValueError as `r1mega.data.packing.pack` does."""
+        `prompt_lengths` (with `dp_share`): each group's shared prompt laid out once
+        (`r1mega.data.packing.pack_shared_prompts`). Raises ValueError as `r1mega.data.packing.pack` does."""
         par = self.cfg.parallel
         layout = dict(pad_to_multiple=par.tensor_model_parallel_size if par.sequence_parallel else 1,
                       thd=self.cfg.platform.transformer_engine, min_microbatches=par.pipeline_model_parallel_size)
         if not dp_share:
             return pack(samples, max_tokens, **layout)
         dp_rank, dp, _ = data_parallel()
-        return pack_dp_share(samples, max_tokens, dp_rank, dp, group_size=group_size, **layout)
+        return pack_dp_share(samples, max_tokens, dp_rank, dp, group_size=group_size, prompt_lengths=prompt_lengths,
+                             **layout)
 
     def forward_backward(
         self,
@@ -284,6 +287,8 @@ def _view(storage: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
 def _model_forward(model, batch: dict, labels=None, **extra):
     if labels is None and batch.get("logit_index") is not None:  # PolicyGPTModel: logits at these positions
         extra["logit_index"] = batch["logit_index"]
+    if "rope_positions" in batch:  # a shared-prompt layout (data.packing.pack_shared_prompts)
+        extra["rope_positions"] = batch["rope_positions"]
     return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels,
                  packed_seq_params=batch.get("packed_seq_params"), **extra)
 

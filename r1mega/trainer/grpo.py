@@ -254,7 +254,9 @@ class GRPOTrainer:
         every microbatch carries the mini-batch's global loss normaliser."""
         fields = [s.fields(self.algo.overlong_filter) for s in samples]
         normalizer = sum(loss_normalizer(f["resp_mask"][None], self.algo.loss_agg) for f in fields)
-        packed = self.policy.pack(fields, self.cfg.recipe.train_max_tokens, group_size=self.algo.group_size)
+        shared = [len(s.prompt_ids) for s in samples] if self.cfg.recipe.share_prompts else None
+        packed = self.policy.pack(fields, self.cfg.recipe.train_max_tokens, group_size=self.algo.group_size,
+                                  prompt_lengths=shared)
         for mb, place in zip(packed.microbatches, packed.placement):
             # A padding-only microbatch trains as one fully masked row.
             mb["placement"] = place or [(-1, 0, mb["tokens"].shape[1])]
@@ -428,10 +430,12 @@ class GRPOTrainer:
 
 
 def _response_positions(placement: list[tuple[int, int, int]], samples: list[Sample]) -> torch.Tensor | None:
-    """[n] positions of a packed row whose next token is a response token (a sequence at [start,
-    start + len) predicts its response at [start + len(prompt) - 1, start + len - 1)): where the
-    GRPO passes need log-probs (`PolicyGPTModel`'s `logit_index`); None for a padding-only row."""
-    spans = [torch.arange(start + len(samples[i].prompt_ids) - 1, start + n - 1) for i, start, n in placement if i >= 0]
+    """[n] positions of a packed row whose next token is a response token (a sequence placed at
+    [start, start + n), whole or from its last prompt token on (`recipe.share_prompts`), predicts its
+    r response tokens at [start + n - 1 - r, start + n - 1)): where the GRPO passes need log-probs
+    (`PolicyGPTModel`'s `logit_index`); None for a padding-only row."""
+    spans = [torch.arange(start + n - 1 - len(samples[i].response_ids), start + n - 1) for i, start, n in placement
+             if i >= 0]
     return torch.cat(spans) if spans else None
 
 

@@ -114,8 +114,8 @@ class RolloutRecords:
 def _trainer_logprobs(samples, parts, minibatches) -> dict[int, torch.Tensor]:
     """{index in `samples`: pi_old of its response tokens ([response tokens], float32)} for the
     samples this rank trained, read from its microbatches' `old_logp` (packed rows, prediction
-    coordinates: a sequence at [start, start + n) has its response's log-probs at
-    [start + len(prompt) - 1, start + n - 1))."""
+    coordinates: a sequence placed at [start, start + n), whole or from its last prompt token on
+    (`recipe.share_prompts`), has its r response tokens' log-probs at [start + n - 1 - r, start + n - 1))."""
     index = {id(s): k for k, s in enumerate(samples)}
     out = {}
     for part, packed in zip(parts, minibatches, strict=True):
@@ -126,7 +126,7 @@ def _trainer_logprobs(samples, parts, minibatches) -> dict[int, torch.Tensor]:
             for i, start, n in place:
                 if i >= 0:
                     s = part[i]
-                    out[index[id(s)]] = row[start + len(s.prompt_ids) - 1: start + n - 1].float()
+                    out[index[id(s)]] = row[start + n - 1 - len(s.response_ids): start + n - 1].float()
     return out
 
 
