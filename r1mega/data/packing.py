@@ -111,6 +111,25 @@ def shared_prefix_mask(segments: list[tuple[int, int, int, int]], total: int) ->
     return ~allowed[None, None]
 
 
+def _shared_units(samples, prompt_lengths: list[int], group_size: int, max_tokens: int,
+                  pad_to_multiple: int) -> tuple[list[list[int]], list[int]]:
+    """(sample indices of each group, the group's tokens with its prompt laid out once): the packing
+    units of `pack_shared_prompts`, with its ValueErrors."""
+    if not samples or len(samples) % group_size or len(prompt_lengths) != len(samples):
+        raise ValueError(f"pack_shared_prompts: {len(samples)} samples, {len(prompt_lengths)} prompt lengths: "
+                         f"need whole groups of {group_size}")
+    groups = [list(range(g, g + group_size)) for g in range(0, len(samples), group_size)]
+    for grp in groups:
+        p = prompt_lengths[grp[0]]
+        head = samples[grp[0]]["tokens"][:p]
+        if any(prompt_lengths[i] != p or not torch.equal(samples[i]["tokens"][:p], head) for i in grp):
+            raise ValueError(f"pack_shared_prompts: samples {grp[0]}..{grp[-1]} do not share one prompt")
+    lengths = [prompt_lengths[grp[0]] - 1 + sum(len(samples[i]["tokens"]) - prompt_lengths[i] + 1 for i in grp)
+               for grp in groups]
+    _check(lengths, max_tokens, pad_to_multiple, "pack_shared_prompts")
+    return groups, lengths
+
+
 def pack_shared_prompts(
     samples: list[dict[str, torch.Tensor]],
     prompt_lengths: list[int],
@@ -129,18 +148,7 @@ def pack_shared_prompts(
     carry `position_ids` (the RoPE positions, `PolicyGPTModel`'s `rope_positions`) and the mask as
     `shared_prefix_mask`. Raises ValueError as `pack` does (for a group: its tokens), and for a group
     whose samples do not share the prompt."""
-    if not samples or len(samples) % group_size or len(prompt_lengths) != len(samples):
-        raise ValueError(f"pack_shared_prompts: {len(samples)} samples, {len(prompt_lengths)} prompt lengths: "
-                         f"need whole groups of {group_size}")
-    groups = [list(range(g, g + group_size)) for g in range(0, len(samples), group_size)]
-    for grp in groups:
-        p = prompt_lengths[grp[0]]
-        head = samples[grp[0]]["tokens"][:p]
-        if any(prompt_lengths[i] != p or not torch.equal(samples[i]["tokens"][:p], head) for i in grp):
-            raise ValueError(f"pack_shared_prompts: samples {grp[0]}..{grp[-1]} do not share one prompt")
-    lengths = [prompt_lengths[grp[0]] - 1 + sum(len(samples[i]["tokens"]) - prompt_lengths[i] + 1 for i in grp)
-               for grp in groups]
-    _check(lengths, max_tokens, pad_to_multiple, "pack_shared_prompts")
+    groups, lengths = _shared_units(samples, prompt_lengths, group_size, max_tokens, pad_to_multiple)
     bins = _bins(lengths, max_tokens, min_microbatches)
     total = -(-max(sum(lengths[g] for g in b) for b in bins) // pad_to_multiple) * pad_to_multiple
     microbatches, placement = [], []
@@ -269,12 +277,10 @@ def pack_dp_share(
         if thd:
             raise ValueError("pack_dp_share: shared prompts need the local attention mask (thd=False)")
 
-        def shared(share, count=1):
-            return pack_shared_prompts([samples[i] for i in share], [prompt_lengths[i] for i in share], group_size,
-                                       max_tokens, pad_to_multiple=pad_to_multiple, min_microbatches=count)
-
-        count = max(len(shared(share).microbatches) if share else min_microbatches for share in shares)
-        count = max(count, min_microbatches)
+        # Every rank's count of its share's microbatches (from the packing units, without packing them).
+        units = [_shared_units([samples[i] for i in share], [prompt_lengths[i] for i in share], group_size,
+                               max_tokens, pad_to_multiple)[1] for share in shares if share]
+        count = max([min_microbatches, *(len(_bins(u, max_tokens, 1)) for u in units)])
     else:
         count = max(num_microbatches([lengths[i] for i in share], max_tokens, min_microbatches, pad_to_multiple)
                     for share in shares)
@@ -282,7 +288,8 @@ def pack_dp_share(
     parts = [samples[i] for i in mine] or [{k: v[:1] * 0 for k, v in samples[0].items()}]
     index = mine or [-1]
     if prompt_lengths is not None and mine:
-        packed = shared(mine, count)
+        packed = pack_shared_prompts(parts, [prompt_lengths[i] for i in mine], group_size, max_tokens,
+                                     pad_to_multiple=pad_to_multiple, min_microbatches=count)
     else:
         packed = pack(parts, max_tokens, pad_to_multiple=pad_to_multiple, thd=thd, min_microbatches=count)
     packed.placement = [[(index[i], start, n) for i, start, n in place] for place in packed.placement]
