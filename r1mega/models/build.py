@@ -56,7 +56,8 @@ def transformer_config(m, par, plat, routing_replay: bool = False) -> Transforme
         perform_initialization=True,
         # Fused kernels are CUDA-only. The local spec's fused softmax needs apex's/megatron's compiled
         # `scaled_masked_softmax_cuda` (its shape check imports it: ModuleNotFoundError in bf16 without it).
-        bias_activation_fusion=not on_cpu,
+        # SwiGLU's autograd function runs on CPU too, with r1mega's backward (platform.cpu).
+        bias_activation_fusion=True,
         bias_dropout_fusion=not on_cpu,
         masked_softmax_fusion=not on_cpu and _fused_softmax_kernels(),
         apply_rope_fusion=False,

@@ -83,6 +83,7 @@ def apply() -> None:
     _distributed_optimizer_load_with_torch_adam()
     _recompute_without_cuda_rng()
     _moe_dispatcher_stream_independent_of_vllm()
+    _swiglu_backward_in_place()
 
 
 @contextlib.contextmanager
@@ -136,6 +137,25 @@ def _recompute_without_cuda_rng() -> None:
 
     megatron_random.CheckpointFunction.backward = staticmethod(backward)
 
+
+def _swiglu_backward_in_place() -> None:
+    """SwiGLU's gradient (`r1mega.models.build` turns `bias_activation_fusion` on for CPU too: megatron's
+    `SwiGLUFunction`). Unfused (the eager path without it, or megatron's `swiglu_back` with
+    torch.compile off) it takes ~8 passes over [tokens, 2 x ffn] (sigmoid twice, products, a `cat`
+    of the halves, and the eager path adds a zero `glu_linear_offset`): ~9% of a dense model's
+    forward + backward on CPU. Here both halves of the gradient are written into one buffer: 4 passes."""
+    from megatron.core.fusions import fused_bias_swiglu
+
+    def swiglu_back(g, y):
+        y_1, y_2 = torch.chunk(y, 2, -1)
+        grad = torch.empty_like(y)
+        grad_1, grad_2 = torch.chunk(grad, 2, -1)
+        silu = torch.nn.functional.silu(y_1)
+        torch.mul(g, silu, out=grad_2)
+        torch.ops.aten.silu_backward.grad_input(torch.mul(g, y_2, out=silu), y_1, grad_input=grad_1)
+        return grad
+
+    fused_bias_swiglu.swiglu_back = swiglu_back
 
 def _moe_dispatcher_stream_independent_of_vllm() -> None:
     """The alltoall MoE dispatcher creates one process-wide `torch.cuda.Stream()` at its first
@@ -199,10 +219,12 @@ def _local_modules():
         - The local kernel computes scores over the whole packed microbatch ([T, T] per head) and masks
           the block-diagonal causal mask (`r1mega.data.packing.block_causal_mask`) afterwards: with ~11
           sequences per 480-token row that is ~11x the attention work of per-sequence attention, plus
-          unfused mask/scale/softmax passes. Here each packed sequence gets its own causal
-          `scaled_dot_product_attention` (torch's fused CPU kernel). Same maths: the local kernel's
-          masked scores get weight exp(-10000) = 0 in fp32; other cases (dropout, softmax offsets,
-          sliding windows, batch > 1, other masks) keep the local kernel. A shared-prompt layout
+          unfused mask/scale/softmax passes. Here the packed sequences are attended as a batch of
+          sequences (`_SegmentBatches`: similar lengths padded together) by torch's fused CPU
+          `scaled_dot_product_attention`: no work across sequences, and a few kernel calls per layer
+          instead of one per sequence. Same maths: the local kernel's masked scores get weight
+          exp(-10000) = 0 in fp32; other cases (dropout, softmax offsets, sliding windows, batch > 1,
+          other masks) keep the local kernel. A shared-prompt layout
           (`r1mega.data.packing.pack_shared_prompts`) gives each segment its prompt's keys and values
           ahead of its own, with the causal mask shifted past them."""
 
@@ -217,21 +239,21 @@ def _local_modules():
             segments = self._causal_segments(query, attention_mask, attention_bias, packed_seq_params)
             if segments is None:
                 return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
-            # [s, 1, heads, dim] -> [1, heads, s, dim]; GQA groups broadcast inside SDPA.
-            # `split` (not slicing): its backward is one cat, a slice's a zero-filled full-size tensor each.
-            lengths = [b - a for a, b, _, _ in segments]
-            q, k, v = (t.permute(1, 2, 0, 3).split(lengths, dim=2) for t in (query, key, value))
-            starts = {a: j for j, (a, _, _, _) in enumerate(segments)}
-            context = []
-            for (a, b, pa, pb), qs, ks, vs in zip(segments, q, k, v):
-                mask = None
-                if pb > pa:  # a shared prompt (data.packing.pack_shared_prompts): its keys, then causal
-                    ks, vs = torch.cat([k[starts[pa]], ks], dim=2), torch.cat([v[starts[pa]], vs], dim=2)
-                    mask = torch.ones(b - a, ks.size(2), dtype=torch.bool).tril(pb - pa)
-                context.append(torch.nn.functional.scaled_dot_product_attention(
-                    qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
-                    enable_gqa=qs.size(1) != ks.size(1)))
-            return torch.cat(context, dim=2).permute(2, 0, 1, 3).reshape(query.size(0), 1, self.hidden_size_per_partition)
+            kw = dict(scale=self.softmax_scale, enable_gqa=query.size(2) != key.size(2))
+            if len(segments) == 1 and segments[0][2] == segments[0][3]:  # one sequence: no gathers
+                q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, 1, heads, dim] -> [1, heads, s, dim]
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+                return out.permute(2, 0, 1, 3).reshape(query.size(0), 1, self.hidden_size_per_partition)
+            batches = attention_mask._r1mega_batches
+            q, k, v = (t.flatten(0, 1) for t in (query, key, value))  # [s, heads, dim]
+            outs = []
+            for qidx, kidx, b, lq, lk, mask in batches.buckets:
+                qb, kb, vb = (t.index_select(0, i).view(b, n, *t.shape[1:]).transpose(1, 2)
+                              for t, i, n in ((q, qidx, lq), (k, kidx, lk), (v, kidx, lk)))
+                out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, **kw)
+                outs.append(out.transpose(1, 2).reshape(b * lq, self.hidden_size_per_partition))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            return out.index_select(0, batches.rows).view(query.size(0), 1, self.hidden_size_per_partition)
 
         def _causal_segments(self, query, mask, bias, packed_seq_params) -> list[tuple[int, int, int, int]] | None:
             """[(start, end, prefix start, prefix end)] of the sequences of a block-diagonal causal `mask`
@@ -257,6 +279,7 @@ def _local_modules():
                 if not torch.equal(shared_prefix_mask(cached, s), mask):
                     cached = []  # some other mask: the local kernel
                 mask._r1mega_segments = cached
+                mask._r1mega_batches = _SegmentBatches(cached) if cached else None
             return cached or None
 
     class SequenceParallelRMSNorm(torch.nn.RMSNorm):
@@ -275,6 +298,50 @@ def _local_modules():
 
     return {DotProductAttention: CPUDotProductAttention, WrappedTorchNorm: SequenceParallelRMSNorm}
 
+
+class _SegmentBatches:
+    """How `CPUDotProductAttention` attends the segments of one packed row in a few batched calls.
+
+    `segments`: [(start, end, prefix start, prefix end)] covering the row's tokens (the prefix empty or
+    another segment's range, as `_causal_segments` gives them). Segments sorted by length are grouped
+    into buckets while a bucket's padded [queries x keys] area stays within `max_padding` x its
+    segments' own. `buckets`: [(query index [B*Lq], key index [B*Lk], B, Lq, Lk, mask)]: row r of a
+    bucket holds its segment's tokens from 0 and, as keys, its prefix then its own tokens; `mask`
+    [B, 1, Lq, Lk] bool (True = attend) is causal shifted past the prefix, None where the bucket is
+    plainly causal (no prefixes, Lq = Lk). Padding repeats token 0 and no real query attends it;
+    padded query rows see real keys (finite softmax) and their outputs are dropped. `rows` [T]: each
+    token's row in the buckets' outputs concatenated."""
+
+    def __init__(self, segments: list[tuple[int, int, int, int]], max_padding: float = 1.3):
+        sizes = [(b - a, b - a + pb - pa) for a, b, pa, pb in segments]
+        groups: list[list[int]] = []
+        area = 0
+        for j in sorted(range(len(segments)), key=lambda j: sizes[j][::-1]):  # by keys, then queries
+            lq, lk = sizes[j]
+            if groups and (len(groups[-1]) + 1) * max(lq, *(sizes[i][0] for i in groups[-1])) * lk \
+                    <= max_padding * (area + lq * lk):
+                groups[-1].append(j)
+                area += lq * lk
+            else:
+                groups.append([j])
+                area = lq * lk
+        self.buckets = []
+        self.rows = torch.empty(max(b for _, b, _, _ in segments), dtype=torch.long)
+        offset = 0
+        for group in groups:
+            lq, lk = max(sizes[j][0] for j in group), max(sizes[j][1] for j in group)
+            qidx = torch.zeros(len(group), lq, dtype=torch.long)
+            kidx = torch.zeros(len(group), lk, dtype=torch.long)
+            mask = torch.zeros(len(group), 1, lq, lk, dtype=torch.bool)
+            for r, j in enumerate(group):
+                a, b, pa, pb = segments[j]
+                qidx[r, :b - a] = torch.arange(a, b)
+                kidx[r, :pb - pa + b - a] = torch.cat([torch.arange(pa, pb), torch.arange(a, b)])
+                mask[r, 0] = torch.ones(lq, lk, dtype=torch.bool).tril(pb - pa)
+                self.rows[a:b] = offset + r * lq + torch.arange(b - a)
+            causal = lq == lk and all(segments[j][2] == segments[j][3] for j in group)
+            self.buckets.append((qidx.flatten(), kidx.flatten(), len(group), lq, lk, None if causal else mask))
+            offset += len(group) * lq
 
 def _duplicated_linear():
     """MLA's q/kv down-projections as TP-duplicated linears, as the Transformer Engine spec builds
