@@ -117,6 +117,18 @@ def torch_threads(n: int):
         torch._C.set_num_threads(before)
 
 
+def fused_adam(optimizer) -> None:
+    """torch's fused Adam/AdamW CPU kernel for megatron's optimizer (`optimizer`: a MegatronOptimizer
+    or ChainedOptimizer). Without TE/Apex megatron builds torch AdamW with `fused`/`foreach` unset,
+    which on CPU is the per-tensor loop: ~10 passes over params and moments, 50-75 ms a step for 17M
+    parameters against 21 ms fused. Set on the param groups, so checkpoints carry it and a resumed
+    run steps the same way."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        opt = getattr(inner, "optimizer", None)
+        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in opt.param_groups:
+                group["fused"] = True
+
 def _recompute_without_cuda_rng() -> None:
     """Activation recompute (`parallel.recompute_granularity`): megatron's `CheckpointFunction` saves
     and restores the CUDA RNG state around each recomputed chunk: `AssertionError: Torch not compiled

@@ -14,6 +14,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from r1mega.data.packing import Packed, pack, pack_dp_share
 from r1mega.models.build import DTYPES, build_model
 from r1mega.parallel.state import data_parallel
+from r1mega.platform.cpu import fused_adam
 
 # loss_fn(output, batch) -> (loss, count, metrics to report). The step minimises the sum of `loss` over
 # all microbatches and data-parallel (x context-parallel) ranks, divided by the sum of `count` over the
@@ -67,6 +68,8 @@ class MegatronEngine:
                 ),
                 chunks,
             )
+            if cfg.platform.device == "cpu":
+                fused_adam(self.optimizer)
             self.config.finalize_model_grads_func = finalize_model_grads
             decay_steps = o.lr_decay_steps or 1
             self.scheduler = OptimizerParamScheduler(
