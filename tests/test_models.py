@@ -230,3 +230,24 @@ def test_cpu_per_sequence_attention_equals_the_local_kernel(model):
     assert (logits - ref_logits).abs().max().item() <= 1e-5
     for name, g in ref_grads.items():
         assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6), name
+
+
+def test_cpu_swiglu_backward_equals_autograd():
+    """platform.cpu's SwiGLU backward (both halves of the gradient written into one buffer), through
+    megatron's SwiGLUFunction as the MLP calls it on CPU, against autograd of silu(a) * b (float64)."""
+    from megatron.core.fusions import fused_bias_swiglu
+
+    from r1mega.platform import cpu
+
+    cpu._swiglu_backward_in_place()
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(7, 2, 24, dtype=torch.float64, generator=g, requires_grad=True)
+    grad_out = torch.randn(7, 2, 12, dtype=torch.float64, generator=g)
+    with torch._dynamo.config.patch(disable=True):  # megatron's swiglu is a torch.compile'd function
+        out = fused_bias_swiglu.bias_swiglu_impl(y, None)
+    (grad,) = torch.autograd.grad(out, y, grad_out)
+    a, b = y.detach().clone().requires_grad_().chunk(2, -1)
+    ref_out = torch.nn.functional.silu(a) * b
+    (ref_grad,) = torch.autograd.grad(ref_out, a._base, grad_out)
+    assert torch.allclose(out, ref_out, rtol=0, atol=1e-12)
+    assert torch.allclose(grad, ref_grad, rtol=0, atol=1e-12)
