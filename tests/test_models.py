@@ -232,6 +232,41 @@ def test_cpu_per_sequence_attention_equals_the_local_kernel(model):
         assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6), name
 
 
+def test_cpu_segment_batches_equal_dense_masked_attention():
+    """The CPU attention's batched segments (similar lengths padded into one SDPA call per bucket,
+    shared prompts ahead of their outputs) give the dense masked attention's output and gradients
+    (float64, GQA, value dim != key dim): plain sequences of several lengths, two shared-prompt groups
+    and a trailing padding segment, in causal and masked buckets."""
+    from r1mega.data.packing import shared_prefix_mask
+    from r1mega.platform.cpu import _SegmentBatches, attend_segments
+
+    segments, pos = [], 0
+    for prompt, outputs in [(5, [3, 9, 1]), (0, [7]), (2, [4, 4]), (0, [12]), (0, [6])]:
+        start = pos
+        if prompt:
+            segments.append((pos, pos + prompt, pos, pos))
+            pos += prompt
+        for n in outputs:
+            segments.append((pos, pos + n, start, start + prompt))
+            pos += n
+    batches = _SegmentBatches(segments)
+    masks = [m for *_, m in batches.buckets]
+    assert len(masks) > 2 and None in masks and any(m is not None for m in masks)
+    assert len(set(batches.rows.tolist())) == pos  # each token its own output row
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(pos, h, d, dtype=torch.float64, generator=g, requires_grad=True)
+               for h, d in ((4, 16), (2, 16), (2, 8)))
+    out = attend_segments(q, k, v, batches, enable_gqa=True)
+    allowed = ~shared_prefix_mask(segments, pos)[0, 0]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=allowed, enable_gqa=True)
+    ref = ref[0].transpose(0, 1).reshape(pos, -1)
+    w = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    grads, ref_grads = (torch.autograd.grad((x * w).sum(), (q, k, v)) for x in (out, ref))
+    assert (out - ref).abs().max().item() < 1e-12
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max().item() < 1e-12
+
 def test_cpu_swiglu_backward_equals_autograd():
     """platform.cpu's SwiGLU backward (both halves of the gradient written into one buffer), through
     megatron's SwiGLUFunction as the MLP calls it on CPU, against autograd of silu(a) * b (float64)."""

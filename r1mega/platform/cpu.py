@@ -275,19 +275,13 @@ def _local_modules():
                 return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
             kw = dict(scale=self.softmax_scale, enable_gqa=query.size(2) != key.size(2))
             if len(segments) == 1 and segments[0][2] == segments[0][3]:  # one sequence: no gathers
-                q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, 1, heads, dim] -> [1, heads, s, dim]
+                # [s, 1, heads, dim] -> [1, heads, s, dim]; GQA groups broadcast inside SDPA.
+                q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
                 return out.permute(2, 0, 1, 3).reshape(query.size(0), 1, self.hidden_size_per_partition)
-            batches = attention_mask._r1mega_batches
-            q, k, v = (t.flatten(0, 1) for t in (query, key, value))  # [s, heads, dim]
-            outs = []
-            for qidx, kidx, b, lq, lk, mask in batches.buckets:
-                qb, kb, vb = (t.index_select(0, i).view(b, n, *t.shape[1:]).transpose(1, 2)
-                              for t, i, n in ((q, qidx, lq), (k, kidx, lk), (v, kidx, lk)))
-                out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, **kw)
-                outs.append(out.transpose(1, 2).reshape(b * lq, self.hidden_size_per_partition))
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
-            return out.index_select(0, batches.rows).view(query.size(0), 1, self.hidden_size_per_partition)
+            out = attend_segments(query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1),
+                                  attention_mask._r1mega_batches, **kw)
+            return out.view(query.size(0), 1, self.hidden_size_per_partition)
 
         def _causal_segments(self, query, mask, bias, packed_seq_params) -> list[tuple[int, int, int, int]] | None:
             """[(start, end, prefix start, prefix end)] of the sequences of a block-diagonal causal `mask`
@@ -341,10 +335,10 @@ class _SegmentBatches:
     into buckets while a bucket's padded [queries x keys] area stays within `max_padding` x its
     segments' own. `buckets`: [(query index [B*Lq], key index [B*Lk], B, Lq, Lk, mask)]: row r of a
     bucket holds its segment's tokens from 0 and, as keys, its prefix then its own tokens; `mask`
-    [B, 1, Lq, Lk] bool (True = attend) is causal shifted past the prefix, None where the bucket is
-    plainly causal (no prefixes, Lq = Lk). Padding repeats token 0 and no real query attends it;
-    padded query rows see real keys (finite softmax) and their outputs are dropped. `rows` [T]: each
-    token's row in the buckets' outputs concatenated."""
+    [B, 1, Lq, Lk] bool (True = attend) is causal shifted past the prefix, None (not built) where the
+    bucket is plainly causal (no prefixes, so Lq = Lk). Padding repeats token 0 and no real query
+    attends it; padded query rows see real keys (finite softmax) and their outputs are dropped.
+    `rows` [T]: each token's row in the buckets' outputs concatenated."""
 
     def __init__(self, segments: list[tuple[int, int, int, int]], max_padding: float = 1.3):
         sizes = [(b - a, b - a + pb - pa) for a, b, pa, pb in segments]
@@ -364,18 +358,33 @@ class _SegmentBatches:
         offset = 0
         for group in groups:
             lq, lk = max(sizes[j][0] for j in group), max(sizes[j][1] for j in group)
+            causal = all(segments[j][2] == segments[j][3] for j in group)  # then Lq = Lk
             qidx = torch.zeros(len(group), lq, dtype=torch.long)
             kidx = torch.zeros(len(group), lk, dtype=torch.long)
-            mask = torch.zeros(len(group), 1, lq, lk, dtype=torch.bool)
+            mask = None if causal else torch.zeros(len(group), 1, lq, lk, dtype=torch.bool)
             for r, j in enumerate(group):
                 a, b, pa, pb = segments[j]
                 qidx[r, :b - a] = torch.arange(a, b)
                 kidx[r, :pb - pa + b - a] = torch.cat([torch.arange(pa, pb), torch.arange(a, b)])
-                mask[r, 0] = torch.ones(lq, lk, dtype=torch.bool).tril(pb - pa)
+                if mask is not None:
+                    mask[r, 0] = torch.ones(lq, lk, dtype=torch.bool).tril(pb - pa)
                 self.rows[a:b] = offset + r * lq + torch.arange(b - a)
-            causal = lq == lk and all(segments[j][2] == segments[j][3] for j in group)
-            self.buckets.append((qidx.flatten(), kidx.flatten(), len(group), lq, lk, None if causal else mask))
+            self.buckets.append((qidx.flatten(), kidx.flatten(), len(group), lq, lk, mask))
             offset += len(group) * lq
+
+def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batches: _SegmentBatches,
+                    scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """Causal attention of each segment of a packed row (`batches`, `_SegmentBatches`) over its
+    prefix's and its own keys: `q` [T, heads, dk], `k` [T, kv heads, dk], `v` [T, kv heads, dv] ->
+    [T, heads * dv]. One torch `scaled_dot_product_attention` per bucket."""
+    outs = []
+    for qidx, kidx, b, lq, lk, mask in batches.buckets:
+        qb, kb, vb = (t.index_select(0, i).view(b, n, *t.shape[1:]).transpose(1, 2)
+                      for t, i, n in ((q, qidx, lq), (k, kidx, lk), (v, kidx, lk)))
+        out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None,
+                                                               scale=scale, enable_gqa=enable_gqa)
+        outs.append(out.transpose(1, 2).reshape(b * lq, -1))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)).index_select(0, batches.rows)
 
 def _duplicated_linear():
     """MLA's q/kv down-projections as TP-duplicated linears, as the Transformer Engine spec builds
