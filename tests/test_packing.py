@@ -77,7 +77,7 @@ def test_balanced_bins_pad_less_than_first_fit_and_keep_their_count():
 
 def test_packing_efficiency_of_the_embedded_default_step():
     """The CPU default's mini-batch (16 prompts x 8 samples in 2 mini-batches, ~15 prompt + 8-32
-    response tokens, train_max_tokens 480), as the GRPO step packs it and reports
+    response tokens, train_max_tokens 2,048), as the GRPO step packs it and reports
     `packing_efficiency` (real / total tokens over its mini-batches)."""
     import random
 
