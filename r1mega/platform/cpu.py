@@ -130,6 +130,7 @@ def fused_adam(optimizer) -> None:
             for group in opt.param_groups:
                 group["fused"] = True
 
+
 def _recompute_without_cuda_rng() -> None:
     """Activation recompute (`parallel.recompute_granularity`): megatron's `CheckpointFunction` saves
     and restores the CUDA RNG state around each recomputed chunk: `AssertionError: Torch not compiled
@@ -170,6 +171,7 @@ def _swiglu_backward_in_place() -> None:
 
     fused_bias_swiglu.swiglu_back = swiglu_back
 
+
 def _one_rank_buffer_collectives_skipped() -> None:
     """gloo copies a whole buffer even for a group of one rank: 30 ms for `reduce_scatter_tensor` and
     52 ms for `all_gather_into_tensor` of 17M floats. megatron's distributed optimizer runs both on
@@ -190,6 +192,7 @@ def _one_rank_buffer_collectives_skipped() -> None:
 
     param_and_grad_buffer.dist_reduce_scatter_func = one_rank_identity(param_and_grad_buffer.dist_reduce_scatter_func)
     param_and_grad_buffer.dist_all_gather_func = one_rank_identity(param_and_grad_buffer.dist_all_gather_func)
+
 
 def _moe_dispatcher_stream_independent_of_vllm() -> None:
     """The alltoall MoE dispatcher creates one process-wide `torch.cuda.Stream()` at its first
@@ -372,6 +375,7 @@ class _SegmentBatches:
             self.buckets.append((qidx.flatten(), kidx.flatten(), len(group), lq, lk, mask))
             offset += len(group) * lq
 
+
 def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batches: _SegmentBatches,
                     scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """Causal attention of each segment of a packed row (`batches`, `_SegmentBatches`) over its
@@ -385,6 +389,7 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batches: 
                                                                scale=scale, enable_gqa=enable_gqa)
         outs.append(out.transpose(1, 2).reshape(b * lq, -1))
     return (outs[0] if len(outs) == 1 else torch.cat(outs)).index_select(0, batches.rows)
+
 
 def _duplicated_linear():
     """MLA's q/kv down-projections as TP-duplicated linears, as the Transformer Engine spec builds
